@@ -1,0 +1,33 @@
+"""resq-brevitas: residual quantization of video networks across time, as a Brevitas plugin.
+
+Typical use::
+
+    import resq_brevitas as resq
+    qm = resq.convert(float_model, resq.ResQConfig(scheme="W8A8->W4A4", period=4))
+    resq.calibrate(qm, clips)
+    y = qm(video)            # [B, T, C, H, W] -> [B, T, ...]
+    print(qm.last_cost)      # BOPs per layer and frame
+"""
+
+from resq_brevitas.calibrate import calibrate
+from resq_brevitas.config import LineSearch, Precision, ResQConfig, Scheme
+from resq_brevitas.convert import convert
+from resq_brevitas.cost import CostReport, count_bops, count_macs
+from resq_brevitas.quant.control import quantization_disabled
+from resq_brevitas.temporal.model import ResQModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CostReport",
+    "LineSearch",
+    "Precision",
+    "ResQConfig",
+    "ResQModel",
+    "Scheme",
+    "calibrate",
+    "convert",
+    "count_bops",
+    "count_macs",
+    "quantization_disabled",
+]

@@ -1,0 +1,162 @@
+"""``calibrate``: set every activation range of a :class:`ResQModel` with the line search (eq. 8).
+
+Keyframe quantizers are calibrated on frame inputs, residual quantizers on residuals with respect
+to the keyframe, each with its own quantized weight. The model runs in floating point with its
+temporal decomposition (:func:`quantization_disabled`) in two streaming passes over the same
+``c`` frames: pass 1 reduces min/max, pass 2 accumulates the per-candidate output SSE. Memory does
+not grow with ``c``; under ``torch.distributed`` both reductions are all-reduced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from resq_brevitas.config import LineSearch
+from resq_brevitas.quant.control import quantization_disabled
+from resq_brevitas.quant.line_search import (
+    StreamingLineSearch,
+    distributed_initialized as _distributed,
+    set_act_threshold,
+)
+from resq_brevitas.temporal.model import ResQModel
+
+__all__ = ["calibrate", "iter_clip_frames"]
+
+
+def _as_batched_clip(clip: object, index: int) -> Tensor:
+    if not isinstance(clip, Tensor):
+        raise TypeError(f"clips[{index}] must be a torch.Tensor, got {type(clip).__name__}")
+    if clip.dim() == 4:  # [T, C, H, W]: one unbatched image clip
+        return clip.unsqueeze(0)
+    if clip.dim() < 3:
+        raise ValueError(
+            f"clips[{index}] must be [T, C, H, W] or [B, T, C, ...], got shape {tuple(clip.shape)}"
+        )
+    return clip
+
+
+def iter_clip_frames(qm: ResQModel, clips: Iterable[Tensor], samples: int
+                     ) -> Iterator[tuple[bool, Tensor]]:
+    """Yield ``(starts_clip, frame)`` until ``samples`` frames (counted per batch row) were seen."""
+    seen = 0
+    for index, clip in enumerate(clips):
+        clip = _as_batched_clip(clip, index)
+        for t in range(clip.shape[1]):
+            if seen >= samples:
+                return
+            frame = clip[:, t]
+            yield t == 0, frame
+            seen += frame.shape[0]
+    if seen == 0:
+        raise ValueError("clips must contain at least one frame, got none")
+
+
+def _run_pass(qm: ResQModel, clips: Iterable[Tensor], samples: int,
+              observer: Callable[[str, str, Tensor], None], desc: str, progress: bool) -> None:
+    bar = tqdm(total=samples, desc=desc, disable=not progress, leave=False)
+    try:
+        for starts_clip, frame in iter_clip_frames(qm, clips, samples):
+            if starts_clip:
+                qm.reset()
+            qm.check_frame(frame, name="calibration frame")
+            qm.run_step(frame, detach=True, observer=observer)
+            bar.update(frame.shape[0])
+    finally:
+        bar.close()
+        qm.reset()
+
+
+def calibrate(qm: ResQModel, clips: Iterable[Tensor], *, samples: int | None = None,
+              candidates: int | None = None, progress: bool = True) -> ResQModel:
+    """Calibrate all activation ranges of ``qm`` in place (eq. 8, streaming).
+
+    Args:
+        qm: A model from :func:`resq_brevitas.convert`.
+        clips: A re-iterable collection (list, Dataset-like, DataLoader without shuffling) of
+            clips ``[T, C, H, W]`` or ``[B, T, C, ...]``; it is read twice, in the same order.
+        samples: Calibration frames ``c`` (default: ``qm.config.calibration.samples``).
+        candidates: Line-search points ``r`` (default: ``qm.config.calibration.candidates``).
+        progress: Show tqdm progress bars.
+
+    Returns:
+        ``qm`` (calibrated, reset).
+
+    Raises:
+        TypeError: If ``qm`` is not a ResQModel or ``clips`` is a one-shot iterator.
+        ValueError: If ``clips`` holds no frame or a malformed clip.
+    """
+    if not isinstance(qm, ResQModel):
+        raise TypeError(f"qm must be a ResQModel (from resq.convert), got {type(qm).__name__}")
+    if clips is None or isinstance(clips, Tensor) or not isinstance(clips, Iterable):
+        raise TypeError(
+            "clips must be a re-iterable collection of clip tensors (e.g. a list), "
+            f"got {type(clips).__name__}"
+        )
+    if iter(clips) is clips:
+        raise TypeError(
+            "clips must be re-iterable (it is read twice): pass a list or a Dataset, "
+            f"not a one-shot {type(clips).__name__}"
+        )
+    settings = LineSearch(
+        candidates=candidates if candidates is not None else qm.config.calibration.candidates,
+        samples=samples if samples is not None else qm.config.calibration.samples,
+    )
+    scheme = qm.scheme
+    layers = dict(qm.resq_layers())
+    searches: dict[tuple[str, str], StreamingLineSearch] = {}
+    weights: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
+    for name, layer in layers.items():
+        paths = [("frame", scheme.keyframe, layer)]
+        if scheme.residual is not None:
+            paths.append(("residual", scheme.residual, layer.residual))
+        for kind, precision, path in paths:
+            bits = precision.act_bits[0] if precision.act_bits else None
+            if not bits:  # fp32 or 0-bit: nothing to search
+                continue
+            searches[(name, kind)] = StreamingLineSearch(bits, settings.candidates)
+            with torch.no_grad():
+                qweight = path.quant_weight()
+            qweight = getattr(qweight, "value", qweight).detach()
+            weights[(name, kind)] = (layer.weight.detach(), qweight)
+    if not searches:
+        qm.calibrated = True
+        return qm
+
+    def observe_range(name: str, kind: str, x: Tensor) -> None:
+        search = searches.get((name, kind))
+        if search is not None:
+            search.observe_range(x)
+
+    def accumulate(name: str, kind: str, x: Tensor) -> None:
+        search = searches.get((name, kind))
+        if search is not None:
+            weight, qweight = weights[(name, kind)]
+            search.accumulate(x, layers[name].linear_op, weight, qweight)
+
+    was_training = qm.training
+    qm.eval()
+    try:
+        with torch.no_grad(), quantization_disabled(qm):
+            _run_pass(qm, clips, settings.samples, observe_range, "calibration ranges", progress)
+            _run_pass(qm, clips, settings.samples, accumulate, "calibration line search",
+                      progress)
+        unseen = [f"{name} ({kind})" for (name, kind), s in searches.items() if not s.observed]
+        if unseen and not _distributed():
+            raise ValueError(
+                f"calibration clips never reached these layer inputs: {', '.join(unseen)}; "
+                "residual quantizers need clips of at least 2 frames"
+            )
+        for (name, kind), search in searches.items():
+            threshold, _, _ = search.result()
+            layer = layers[name]
+            proxy = layer.input_quant if kind == "frame" else layer.residual.input_quant
+            set_act_threshold(proxy, threshold)
+    finally:
+        qm.train(was_training)
+        qm.reset()
+    qm.calibrated = True
+    return qm
