@@ -2,7 +2,7 @@
 
 Usage::
 
-    python recipes/train_demo.py --steps 2000 --out resq_brevitas/demo/segnet.pt
+    python recipes/train_demo.py --steps 2500 --out resq_brevitas/demo/segnet.pt
 
 Training frames are sampled from clips of ``SyntheticVideoDataset(seed=--seed)``; the held-out
 mIoU is measured on whole clips of ``SyntheticVideoDataset(seed=--eval-seed)``, whose clip
@@ -33,22 +33,39 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / "resq_brevitas" / "demo" 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=2000, help="optimisation steps")
-    parser.add_argument("--batch-size", type=int, default=32, help="frames per step")
+    parser.add_argument("--steps", type=int, default=2500, help="optimisation steps")
+    parser.add_argument("--batch-size", type=int, default=16, help="frames per step")
     parser.add_argument("--lr", type=float, default=4e-3, help="peak Adam learning rate")
-    parser.add_argument("--train-clips", type=int, default=800, help="clips in the frame pool")
     parser.add_argument(
-        "--frames-per-clip", type=int, default=4, help="frames kept from each training clip"
+        "--train-clips", type=int, default=4000, help="clips in the training frame pool"
     )
-    parser.add_argument("--eval-clips", type=int, default=16, help="held-out clips")
+    parser.add_argument(
+        "--clip-frames", type=int, default=4, help="length of each generated training clip"
+    )
+    parser.add_argument(
+        "--frames-per-clip", type=int, default=2, help="frames kept from each training clip"
+    )
+    parser.add_argument("--eval-clips", type=int, default=32, help="held-out clips")
+    parser.add_argument(
+        "--bg-weight", type=float, default=0.3, help="cross-entropy weight of the background"
+    )
     parser.add_argument("--seed", type=int, default=0, help="training data and init seed")
     parser.add_argument("--eval-seed", type=int, default=1, help="held-out dataset seed")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch CPU threads; use 1 when other processes share the cores, since an "
+        "oversubscribed OpenMP pool can be several times slower than a single thread",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="state_dict output path")
     args = parser.parse_args(argv)
+    if args.frames_per_clip > args.clip_frames:
+        parser.error("--frames-per-clip must be <= --clip-frames")
     if args.eval_seed == args.seed:
         parser.error("--eval-seed must differ from --seed so evaluation clips are held out")
-    for name in ("steps", "batch_size", "train_clips", "frames_per_clip", "eval_clips"):
+    names = ("steps", "batch_size", "train_clips", "clip_frames", "frames_per_clip", "eval_clips")
+    for name in names:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -62,10 +79,17 @@ def seed_everything(seed: int) -> None:
 
 
 def build_frame_pool(
-    num_clips: int, frames_per_clip: int, seed: int
+    num_clips: int, clip_frames: int, frames_per_clip: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Collect evenly spaced frames from many clips (diversity matters more than length)."""
-    dataset = SyntheticVideoDataset(num_clips, size=FRAME_SIZE, num_classes=NUM_CLASSES, seed=seed)
+    """Collect evenly spaced frames from many short clips.
+
+    Consecutive frames are near-duplicates, so many short clips give far more distinct
+    object instances per second of generation than a few long ones; with too few instances
+    the network memorises shapes instead of learning them.
+    """
+    dataset = SyntheticVideoDataset(
+        num_clips, frames=clip_frames, size=FRAME_SIZE, num_classes=NUM_CLASSES, seed=seed
+    )
     idx = torch.linspace(0, dataset.frames - 1, frames_per_clip).round().long()
     videos, labels = [], []
     for i in tqdm(range(num_clips), desc="generating clips", leave=False):
@@ -92,7 +116,9 @@ def train(args: argparse.Namespace) -> tuple[DemoSegNet, float]:
     """Train a DemoSegNet; returns the model (eval mode) and its held-out mIoU."""
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
-    frames, labels = build_frame_pool(args.train_clips, args.frames_per_clip, args.seed)
+    frames, labels = build_frame_pool(
+        args.train_clips, args.clip_frames, args.frames_per_clip, args.seed
+    )
     model = DemoSegNet(num_classes=NUM_CLASSES)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     warmup = max(1, args.steps // 20)
@@ -105,6 +131,10 @@ def train(args: argparse.Namespace) -> tuple[DemoSegNet, float]:
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     gen = torch.Generator().manual_seed(args.seed)
+    # Background covers most pixels but mIoU weighs every class equally; down-weighting it
+    # spends the loss on telling the shapes apart.
+    class_weight = torch.ones(NUM_CLASSES)
+    class_weight[0] = args.bg_weight
     model.train()
     progress = tqdm(range(args.steps), desc="training")
     for _step in progress:
@@ -117,7 +147,7 @@ def train(args: argparse.Namespace) -> tuple[DemoSegNet, float]:
         vflip = torch.rand(args.batch_size, generator=gen) < 0.5
         x = torch.where(vflip.view(-1, 1, 1, 1), x.flip(-2), x)
         y = torch.where(vflip.view(-1, 1, 1), y.flip(-2), y)
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(model(x), y, weight=class_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -9,7 +9,7 @@ not grow with ``c``; under ``torch.distributed`` both reductions are all-reduced
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -19,8 +19,10 @@ from resq_brevitas.config import LineSearch
 from resq_brevitas.quant.control import quantization_disabled
 from resq_brevitas.quant.line_search import (
     StreamingLineSearch,
-    distributed_initialized as _distributed,
     set_act_threshold,
+)
+from resq_brevitas.quant.line_search import (
+    distributed_initialized as _distributed,
 )
 from resq_brevitas.temporal.model import ResQModel
 
@@ -70,8 +72,12 @@ def _run_pass(qm: ResQModel, clips: Iterable[Tensor], samples: int,
         qm.reset()
 
 
+_PATHS = ("keyframe", "residual")
+
+
 def calibrate(qm: ResQModel, clips: Iterable[Tensor], *, samples: int | None = None,
-              candidates: int | None = None, progress: bool = True) -> ResQModel:
+              candidates: int | None = None, paths: Collection[str] = _PATHS,
+              progress: bool = True) -> ResQModel:
     """Calibrate all activation ranges of ``qm`` in place (eq. 8, streaming).
 
     Args:
@@ -80,6 +86,9 @@ def calibrate(qm: ResQModel, clips: Iterable[Tensor], *, samples: int | None = N
             clips ``[T, C, H, W]`` or ``[B, T, C, ...]``; it is read twice, in the same order.
         samples: Calibration frames ``c`` (default: ``qm.config.calibration.samples``).
         candidates: Line-search points ``r`` (default: ``qm.config.calibration.candidates``).
+        paths: Which quantizers to calibrate: ``"keyframe"`` (on frame inputs) and/or
+            ``"residual"`` (on residuals). Keyframe ranges do not depend on the period or the
+            residual scheme, so a sweep can calibrate them once and copy them.
         progress: Show tqdm progress bars.
 
     Returns:
@@ -101,6 +110,8 @@ def calibrate(qm: ResQModel, clips: Iterable[Tensor], *, samples: int | None = N
             "clips must be re-iterable (it is read twice): pass a list or a Dataset, "
             f"not a one-shot {type(clips).__name__}"
         )
+    if isinstance(paths, str) or not set(paths) <= set(_PATHS) or not paths:
+        raise ValueError(f"paths must be a non-empty subset of {_PATHS}, got {paths!r}")
     settings = LineSearch(
         candidates=candidates if candidates is not None else qm.config.calibration.candidates,
         samples=samples if samples is not None else qm.config.calibration.samples,
@@ -110,10 +121,13 @@ def calibrate(qm: ResQModel, clips: Iterable[Tensor], *, samples: int | None = N
     searches: dict[tuple[str, str], StreamingLineSearch] = {}
     weights: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
     for name, layer in layers.items():
-        paths = [("frame", scheme.keyframe, layer)]
-        if scheme.residual is not None:
-            paths.append(("residual", scheme.residual, layer.residual))
-        for kind, precision, path in paths:
+        todo = []
+        if "keyframe" in paths:
+            todo.append(("frame", scheme.keyframe, layer))
+        # period 1 never runs residuals: nothing to calibrate them on
+        if "residual" in paths and scheme.residual is not None and qm.period > 1:
+            todo.append(("residual", scheme.residual, layer.residual))
+        for kind, precision, path in todo:
             bits = precision.act_bits[0] if precision.act_bits else None
             if not bits:  # fp32 or 0-bit: nothing to search
                 continue

@@ -55,6 +55,14 @@ def _check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
+def _check_num_classes(num_classes: Any) -> None:
+    valid = isinstance(num_classes, int) and not isinstance(num_classes, bool)
+    if not valid or not 2 <= num_classes <= NUM_SHAPE_CLASSES:
+        raise ValueError(
+            f"num_classes must be an int in [2, {NUM_SHAPE_CLASSES}], got {num_classes!r}"
+        )
+
+
 def _uniform(gen: torch.Generator, low: float, high: float, *shape: int) -> Tensor:
     return low + (high - low) * torch.rand(shape if shape else (1,), generator=gen)
 
@@ -68,15 +76,22 @@ def _bounce(start: Tensor, velocity: Tensor, t: Tensor, low: float, high: float)
 
 
 def _texture(
-    gen: torch.Generator, u: Tensor, v: Tensor, size: int, base_lo: float, base_hi: float
+    gen: torch.Generator,
+    u: Tensor,
+    v: Tensor,
+    size: int,
+    base_lo: float,
+    base_hi: float,
+    contrast: float,
 ) -> Tensor:
     """Two-colour grating (optionally a checker) in object-local coordinates.
 
-    Returns a ``[3, *u.shape]`` colour field. Textures move rigidly with their object, so
-    the frame-to-frame change stays small.
+    Returns a ``[3, *u.shape]`` colour field whose second colour differs from the first by
+    at most ``contrast`` per channel. Textures move rigidly with their object, so the
+    frame-to-frame change stays small.
     """
     colour_a = _uniform(gen, base_lo, base_hi, 3)
-    colour_b = _uniform(gen, base_lo, base_hi, 3)
+    colour_b = (colour_a + _uniform(gen, -contrast, contrast, 3)).clamp(0.0, 1.0)
     theta = float(_uniform(gen, 0.0, math.pi))
     freq = float(_uniform(gen, 0.75, 2.0)) * 2.0 * math.pi / (0.25 * size)
     phase = float(_uniform(gen, 0.0, 2.0 * math.pi))
@@ -86,10 +101,9 @@ def _texture(
     if checker:
         across = -math.sin(theta) * u + math.cos(theta) * v
         pattern = pattern * torch.sin(freq * across)
-    mix = 0.5 + 0.5 * pattern
-    return colour_a.view(3, *([1] * u.dim())) + (colour_b - colour_a).view(
-        3, *([1] * u.dim())
-    ) * mix.unsqueeze(0)
+    mix = (0.5 + 0.5 * pattern).unsqueeze(0)
+    broadcast = (3,) + (1,) * u.dim()
+    return colour_a.view(broadcast) + (colour_b - colour_a).view(broadcast) * mix
 
 
 def _shape_mask(kind: int, u: Tensor, v: Tensor, radius: float, aspect: float) -> Tensor:
@@ -97,7 +111,8 @@ def _shape_mask(kind: int, u: Tensor, v: Tensor, radius: float, aspect: float) -
     if kind == 1:
         return u * u + v * v <= radius * radius
     if kind == 2:
-        # Rectangle with half-diagonal ``radius``-ish extents.
+        # Half-extents below ``radius`` keep rectangle and disc areas comparable, so size
+        # is not a shortcut for the class.
         half_w = radius * 0.85
         half_h = radius * 0.85 * aspect
         return (u.abs() <= half_w) & (v.abs() <= half_h)
@@ -136,12 +151,7 @@ def make_clip(
         raise ValueError(f"seed must be an int, got {seed!r}")
     _check_positive_int("frames", frames)
     _check_positive_int("size", size, minimum=8)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not (
-        2 <= num_classes <= NUM_SHAPE_CLASSES
-    ):
-        raise ValueError(
-            f"num_classes must be an int in [2, {NUM_SHAPE_CLASSES}], got {num_classes!r}"
-        )
+    _check_num_classes(num_classes)
 
     gen = torch.Generator().manual_seed(seed % (2**63))
     t = torch.arange(frames, dtype=torch.float32).view(frames, 1, 1)
@@ -170,7 +180,7 @@ def make_clip(
     num_objects = int(torch.randint(1, 4, (1,), generator=gen))
     for _ in range(num_objects):
         kind = int(torch.randint(1, num_classes, (1,), generator=gen))
-        radius = float(_uniform(gen, 0.12, 0.2)) * size
+        radius = float(_uniform(gen, 0.11, 0.17)) * size
         aspect = float(_uniform(gen, 0.6, 1.0))
         rot = float(_uniform(gen, 0.0, 2.0 * math.pi))
         speed = float(_uniform(gen, 0.5, 2.5))
@@ -187,7 +197,7 @@ def make_clip(
         mask = _shape_mask(kind, u, v, radius, aspect)
         # Objects are more saturated and higher-contrast than the background, like typical
         # foreground objects, but their textures are random so shape is the only class cue.
-        texture = _texture(gen, u, v, size, 0.05, 0.95).permute(1, 0, 2, 3)
+        texture = _texture(gen, u, v, size, 0.05, 0.95, 0.35).permute(1, 0, 2, 3)
         video = torch.where(mask.unsqueeze(1), texture, video)
         labels = torch.where(mask, torch.full_like(labels, kind), labels)
 
@@ -224,12 +234,7 @@ class SyntheticVideoDataset(Dataset):
         _check_positive_int("num_clips", num_clips)
         _check_positive_int("frames", frames)
         _check_positive_int("size", size, minimum=8)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not (
-            2 <= num_classes <= NUM_SHAPE_CLASSES
-        ):
-            raise ValueError(
-                f"num_classes must be an int in [2, {NUM_SHAPE_CLASSES}], got {num_classes!r}"
-            )
+        _check_num_classes(num_classes)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         self.num_clips = num_clips
@@ -325,9 +330,7 @@ def write_video(path: str | Path, video: Tensor, fps: int = 10, crf: int = 18) -
             container.mux(packet)
 
 
-def read_video(
-    path: str | Path, size: int | None = None, max_frames: int | None = None
-) -> Tensor:
+def read_video(path: str | Path, size: int | None = None, max_frames: int | None = None) -> Tensor:
     """Decode a video file with PyAV into the normalised space.
 
     Args:
@@ -363,7 +366,10 @@ def read_video(
             # full-size float tensors.
             if size is not None and tuple(pixels.shape[-2:]) != (size, size):
                 pixels = F.interpolate(
-                    pixels, size=(size, size), mode="bilinear", antialias=True,
+                    pixels,
+                    size=(size, size),
+                    mode="bilinear",
+                    antialias=True,
                     align_corners=False,
                 ).clamp(0.0, 1.0)
             decoded.append(pixels)

@@ -29,8 +29,14 @@ def _conv_bn_relu(
 ) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(
-            in_ch, out_ch, kernel_size=3, stride=stride, padding=dilation,
-            dilation=dilation, groups=groups, bias=False,
+            in_ch,
+            out_ch,
+            kernel_size=3,
+            stride=stride,
+            padding=dilation,
+            dilation=dilation,
+            groups=groups,
+            bias=False,
         ),
         nn.BatchNorm2d(out_ch),
         nn.ReLU(inplace=True),

@@ -196,8 +196,9 @@ def _resq_class(name: str, brevitas_class: type, float_class: type, macs_mixin: 
             "brevitas_class": brevitas_class,
             "float_class": float_class,
             "__doc__": (
-                f"ResQ {float_class.__name__}: keyframe path is this ``{brevitas_class.__name__}``; "
-                "``residual`` is a bias-free view sharing ``weight``."
+                f"ResQ {float_class.__name__}: keyframe path is this "
+                f"``{brevitas_class.__name__}``; ``residual`` is a bias-free view sharing "
+                "``weight``."
             ),
             "__module__": __name__,
             "__qualname__": name,

@@ -39,6 +39,8 @@ LinearOp = Callable[[Tensor, Tensor], Tensor]
 # Threshold used when the observed range is exactly zero (e.g. residuals of a static clip):
 # any positive value maps zeros to zeros.
 _ZERO_RANGE_THRESHOLD = 1e-8
+# Elements of stacked candidate inputs per op call: bounds the line search's working memory.
+_CHUNK_ELEMENTS = 1 << 22
 
 
 def distributed_initialized() -> bool:
@@ -69,8 +71,11 @@ def output_sse(
 ) -> Tensor:
     """Eq. 8's objective for each candidate on one batch of samples.
 
+    Candidates are stacked along the batch dimension (in chunks of bounded size) so each chunk is
+    one call of the layer's op.
+
     Args:
-        x: Layer inputs ``X``.
+        x: Layer inputs ``X`` (batch first).
         thresholds: Candidate thresholds (1-D).
         bits: Activation bit width.
         op: The layer's linear op.
@@ -82,12 +87,16 @@ def output_sse(
     """
     with torch.no_grad():
         target = op(x, weight)
-        sse = torch.empty(len(thresholds), dtype=torch.float64)
-        for i, threshold in enumerate(thresholds.tolist()):
-            scale = 2.0 * threshold / (2**bits - 1)
-            approx = op(quantize_eq1(x, scale, bits), qweight)
-            sse[i] = (target - approx).double().pow(2).sum()
-    return sse
+        scales = (2.0 * thresholds / (2**bits - 1)).to(x.dtype)
+        per_chunk = max(1, _CHUNK_ELEMENTS // max(1, x.numel()))
+        sse = []
+        for chunk in scales.split(per_chunk):
+            view = (-1,) + (1,) * x.dim()
+            quantized = quantize_eq1(x.unsqueeze(0), chunk.view(view), bits)
+            approx = op(quantized.flatten(0, 1), qweight).unflatten(0, (len(chunk), x.shape[0]))
+            err = (approx - target.unsqueeze(0)).flatten(1)
+            sse.append((err * err).sum(dim=1, dtype=torch.float64))
+    return torch.cat(sse)
 
 
 def line_search(

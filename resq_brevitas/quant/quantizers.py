@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import torch
 from brevitas.core.function_wrapper import TensorClamp
-from brevitas.inject.enum import ScalingImplType
+from brevitas.core.stats import AbsMax
+from brevitas.inject.enum import RestrictValueType, ScalingImplType, ScalingPerOutputType
 from brevitas.quant.base import IntQuant, MaxStatsScaling
 from brevitas.quant.solver import ActQuantSolver, WeightQuantSolver
-from brevitas.core.scaling import ParameterScaling
-from brevitas.core.stats import AbsMax
-from brevitas.inject.enum import ScalingPerOutputType
-from brevitas.inject.enum import RestrictValueType
 from torch import Tensor, nn
 
 from resq_brevitas.config import validate_bits

@@ -113,13 +113,19 @@ class ResQModel(nn.Module):
     def check_frame(self, frame: Any, name: str = "frame") -> None:
         """Raise a clear error if ``frame`` cannot continue the current stream."""
         if not isinstance(frame, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor [B, C, ...], got {type(frame).__name__}")
+            raise TypeError(
+                f"{name} must be a torch.Tensor [B, C, ...], got {type(frame).__name__}"
+            )
         if not frame.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {frame.dtype}")
         if frame.dim() < 2:
-            raise ValueError(f"{name} must be [B, C, ...] (rank >= 2), got shape {tuple(frame.shape)}")
+            raise ValueError(
+                f"{name} must be [B, C, ...] (rank >= 2), got shape {tuple(frame.shape)}"
+            )
         if frame.shape[0] == 0:
-            raise ValueError(f"{name} must have at least one batch row, got shape {tuple(frame.shape)}")
+            raise ValueError(
+                f"{name} must have at least one batch row, got shape {tuple(frame.shape)}"
+            )
         if self.input_spec is not None:
             rank, channels = self.input_spec
             if frame.dim() != rank:
@@ -142,9 +148,13 @@ class ResQModel(nn.Module):
 
     def _check_video(self, video: Any) -> None:
         if not isinstance(video, Tensor):
-            raise TypeError(f"video must be a torch.Tensor [B, T, C, ...], got {type(video).__name__}")
+            raise TypeError(
+                f"video must be a torch.Tensor [B, T, C, ...], got {type(video).__name__}"
+            )
         if video.dim() < 3:
-            raise ValueError(f"video must be [B, T, C, ...] (rank >= 3), got shape {tuple(video.shape)}")
+            raise ValueError(
+                f"video must be [B, T, C, ...] (rank >= 3), got shape {tuple(video.shape)}"
+            )
         if video.shape[1] == 0:
             raise ValueError(f"video must have at least one frame, got shape {tuple(video.shape)}")
         if self.input_spec is not None and video.dim() != self.input_spec[0] + 1:

@@ -1,0 +1,70 @@
+"""Calibration time and peak memory as the number of calibration samples ``c`` grows.
+
+Each ``c`` runs in a fresh subprocess (peak RSS is per process); the peak RSS growth during
+``calibrate`` is reported next to the wall time. The streaming line search keeps memory flat in
+``c``: only the time should grow.
+
+    python benchmarks/bench_calibration.py [--samples 16 64 256] [--size 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+def _child(samples: int, size: int, candidates: int) -> None:
+    import torch
+
+    import resq_brevitas as resq
+    from resq_brevitas.data import make_clip
+    from resq_brevitas.demo.model import load_demo_model
+
+    torch.set_num_threads(2)
+    frames = 16
+    clips = [make_clip(5_000 + i, frames=frames, size=size)[0]
+             for i in range(-(-samples // frames))]
+    qm = resq.convert(load_demo_model(), resq.ResQConfig("W8A8->W4A4", period=4))
+    with torch.no_grad():  # warm up allocator and kernels before the baseline is read
+        qm(clips[0][:4].unsqueeze(0))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    resq.calibrate(qm, clips, samples=samples, candidates=candidates, progress=False)
+    elapsed = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    clip_mb = sum(c.numel() * 4 for c in clips) / 2**20
+    print(json.dumps({"samples": samples, "seconds": elapsed,
+                      "peak_growth_mb": (peak - before) / 1024, "peak_mb": peak / 1024,
+                      "clip_data_mb": clip_mb}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--samples", type=int, nargs="+", default=[16, 64, 256])
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--candidates", type=int, default=20)
+    p.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child is not None:
+        _child(args.child, args.size, args.candidates)
+        return
+    print(f"demo model, W8A8->W4A4 T=4, frames {args.size}x{args.size}, r={args.candidates}")
+    print(f"{'c':>5} {'time s':>8} {'s/sample':>9} {'peak growth MB':>15} {'peak RSS MB':>12} "
+          f"{'clip data MB':>13}")
+    for samples in args.samples:
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", str(samples), "--size", str(args.size),
+             "--candidates", str(args.candidates)],
+            check=True, capture_output=True, text=True,
+        ).stdout.strip().splitlines()[-1]
+        r = json.loads(out)
+        print(f"{r['samples']:>5} {r['seconds']:>8.1f} {r['seconds'] / samples:>9.3f} "
+              f"{r['peak_growth_mb']:>15.1f} {r['peak_mb']:>12.1f} {r['clip_data_mb']:>13.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""The line-search range setter (eq. 8) as observer logic, written once for every framework.
+
+:class:`LineSearchRangeMixin` holds everything the torch.ao and torchao pt2e observers share; the
+subclasses in :mod:`.ao` and :mod:`.pt2e` only bind it to each framework's observer base class.
+The search itself is the core's :class:`~resq_brevitas.quant.line_search.StreamingLineSearch`
+(``candidate_thresholds`` + ``output_sse`` + ``quantize_eq1``): eq. 8 lives in one place.
+
+How an observer fits eq. 8:
+
+* Candidates are ``|S_i|`` with ``S = linspace(min X, max X, r)`` (zeros dropped) and the
+  objective is ``sum ||op(X, w) - op(q(X), q(w))||_F^2``. Without a consumer ``op`` is the
+  identity (``w = q(w) = 1``): the input error. The output-aware pass
+  (:func:`resq_brevitas.observers.attach_output_consumers`) hands each observer the conv/linear
+  layers that read its output, and the objective becomes their output error, summed.
+* The bit width comes from the observer's own ``quant_min``/``quant_max``
+  (``2^b = quant_max - quant_min + 1``), so a 4-bit range is scored as 4-bit.
+* An observer sees each sample once, so it keeps up to ``samples`` batch rows (the ``c`` of eq. 8)
+  and runs both passes of the streaming search over them. Memory is bounded by ``samples``.
+  Once ``samples`` rows were seen, or :meth:`LineSearchRangeMixin.freeze` is called, the search
+  runs, its threshold goes into the ``threshold`` buffer, ``frozen`` is set and the kept samples
+  are dropped: later forwards (every QAT step) neither observe nor search again. Before that,
+  ``calculate_qparams`` runs the search on the rows kept so far and caches the result until a new
+  sample arrives.
+* Eq. 6's symmetric signed grid, ``s = 2 t / (2^b - 1)``, levels ``-2^(b-1) .. 2^(b-1) - 1``, is
+  expressed as ``(scale, zero_point)`` with ``zero_point = quant_min + 2^(b-1)``: 0 for a signed
+  range (``qint8``), ``2^(b-1)`` for an unsigned one (``quint8``, as fbgemm needs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from resq_brevitas.quant.line_search import LinearOp, StreamingLineSearch
+
+__all__ = ["Consumer", "LineSearchRangeMixin", "bits_of_range", "identity_op"]
+
+
+def identity_op(x: Tensor, weight: Tensor) -> Tensor:
+    """``x * w`` with a scalar ``w = 1``: eq. 8 with the identity as layer (input error)."""
+    return x * weight
+
+
+@dataclass
+class Consumer:
+    """A layer that reads an observed activation: what eq. 8's output error is computed with.
+
+    Attributes:
+        name: Readable name (node or module name), for reports.
+        op: The layer's linear op without bias, ``op(x, w)``.
+        weights: Returns ``(w, q(w))`` when the search runs (weights may change during QAT;
+            BN-folded for fused conv-BN modules).
+    """
+
+    name: str
+    op: LinearOp
+    weights: Callable[[], tuple[Tensor, Tensor]]
+
+
+def bits_of_range(quant_min: int, quant_max: int) -> int:
+    """``b`` such that ``quant_max - quant_min + 1 == 2^b``.
+
+    Raises:
+        ValueError: If the range does not hold a power of two levels (eq. 1 needs one).
+    """
+    levels = int(quant_max) - int(quant_min) + 1
+    bits = int(round(math.log2(levels))) if levels > 0 else 0
+    if levels < 4 or 2**bits != levels:
+        raise ValueError(
+            "quant_min/quant_max must span 2^b levels with b >= 2 (eq. 1's signed grid), got "
+            f"quant_min={quant_min}, quant_max={quant_max} ({levels} levels)"
+        )
+    return bits
+
+
+class LineSearchRangeMixin:
+    """Eq. 8 range setting for an observer ``nn.Module`` with ``quant_min``/``quant_max``.
+
+    Subclasses call :meth:`_init_line_search` after their base ``__init__``, route ``forward``
+    to :meth:`observe` and ``calculate_qparams`` to :meth:`line_search_qparams`.
+    """
+
+    quant_min: int
+    quant_max: int
+    threshold: Tensor
+    frozen: Tensor
+
+    def _init_line_search(self, candidates: int, samples: int) -> None:
+        for name, value, low in (("candidates", candidates, 2), ("samples", samples, 1)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        self.bits = bits_of_range(self.quant_min, self.quant_max)
+        self.candidates = candidates
+        self.samples = samples
+        # Buffers: the chosen range survives state_dict, deepcopy and convert.
+        self.register_buffer("threshold", torch.tensor(0.0))
+        self.register_buffer("frozen", torch.tensor(False))
+        self._kept: list[Tensor] = []
+        self._rows = 0
+        self._consumers: list[Consumer] = []
+        self._cached: float | None = None
+
+    # ------------------------------------------------------------------ observing
+    @property
+    def rows_seen(self) -> int:
+        """Batch rows kept for the search (at most ``samples``)."""
+        return self._rows
+
+    def observe(self, x: Tensor) -> None:
+        """Keep up to ``samples`` batch rows of ``x``; search and freeze once enough were seen."""
+        if bool(self.frozen) or x.numel() == 0:
+            return
+        x = x.detach()
+        if x.dim() == 0:
+            x = x.reshape(1)
+        take = min(x.shape[0], self.samples - self._rows)
+        self._kept.append(x[:take].clone())
+        self._rows += take
+        self._cached = None
+        if self._rows >= self.samples:
+            self.freeze()
+
+    def set_consumers(self, consumers: list[Consumer]) -> None:
+        """Score candidates by the output error of ``consumers`` (eq. 8) instead of input error.
+
+        Raises:
+            RuntimeError: If the range is already frozen (the samples are gone).
+        """
+        if bool(self.frozen):
+            raise RuntimeError("set_consumers called on a frozen observer; call reset_range first")
+        self._consumers = list(consumers)
+        self._cached = None
+
+    @property
+    def consumers(self) -> list[Consumer]:
+        """The layers whose output error is the objective (empty: input error)."""
+        return list(self._consumers)
+
+    # ------------------------------------------------------------------ searching
+    def search(self) -> tuple[float, Tensor, Tensor]:
+        """Run eq. 8 over the kept rows: ``(threshold, candidates, sse)``.
+
+        Raises:
+            RuntimeError: If no sample was observed.
+        """
+        if not self._kept:
+            raise RuntimeError(f"{type(self).__name__} has observed no sample")
+        kept = self._kept
+        if len(kept) > 1 and all(x.shape[1:] == kept[0].shape[1:] for x in kept):
+            kept = [torch.cat(kept)]  # one batched op per candidate instead of one per chunk
+        search = StreamingLineSearch(self.bits, self.candidates)
+        for x in kept:
+            search.observe_range(x)
+        ones = torch.ones((), dtype=kept[0].dtype, device=kept[0].device)
+        objectives = ([(c.op, *c.weights()) for c in self._consumers]
+                      or [(identity_op, ones, ones)])
+        for x in kept:
+            for op, weight, qweight in objectives:
+                search.accumulate(x, op, weight.detach(), qweight.detach())
+        return search.result()
+
+    def freeze(self) -> None:
+        """Run the search now (if not done), store its threshold and stop observing."""
+        if bool(self.frozen):
+            return
+        if not self._kept:
+            raise RuntimeError(f"{type(self).__name__} cannot freeze: it observed no sample")
+        threshold = self._cached if self._cached is not None else self.search()[0]
+        with torch.no_grad():
+            self.threshold.fill_(threshold)
+            self.frozen.fill_(True)
+        self._kept = []
+        self._cached = None
+
+    def reset_range(self) -> None:
+        """Forget samples and the chosen range (observe again from scratch)."""
+        with torch.no_grad():
+            self.threshold.zero_()
+            self.frozen.fill_(False)
+        self._kept = []
+        self._rows = 0
+        self._cached = None
+
+    def current_threshold(self) -> float | None:
+        """The frozen threshold, else a cached search over the rows so far, else ``None``."""
+        if bool(self.frozen):
+            return float(self.threshold)
+        if not self._kept:
+            return None
+        if self._cached is None:
+            self._cached = self.search()[0]
+        return self._cached
+
+    def line_search_qparams(self) -> tuple[Tensor, Tensor]:
+        """``(scale, zero_point)`` of eq. 6 for the current threshold (shape ``[1]`` each).
+
+        Before any sample: scale 1 (like torch.ao observers).
+        """
+        device = self.threshold.device
+        zero_point = torch.tensor([int(self.quant_min) + 2 ** (self.bits - 1)],
+                                  dtype=torch.int64, device=device)
+        threshold = self.current_threshold()
+        if threshold is None:
+            return torch.ones(1, device=device), zero_point
+        scale = torch.tensor([2.0 * threshold / (2**self.bits - 1)], dtype=torch.float32,
+                             device=device)
+        return scale, zero_point
+
+    def line_search_repr(self) -> str:
+        """Readable state for ``extra_repr``."""
+        state = f"threshold={float(self.threshold):.6g}" if bool(self.frozen) else (
+            f"rows={self._rows}/{self.samples}")
+        objective = (f"output error of {[c.name for c in self._consumers]}" if self._consumers
+                     else "input error")
+        return (f"bits={self.bits}, candidates={self.candidates}, {state}, "
+                f"objective={objective}")

@@ -1,0 +1,481 @@
+"""torch.fx support: a ResQ-aware tracer, keyframe/residual step graphs and unrolled clips.
+
+Three things live here (design card, section 5):
+
+* :class:`ResQTracer` keeps ResQ layers (and any Brevitas quant layer) as ``call_module`` leaves.
+  A plain ``torch.fx.Tracer`` (and Brevitas's FX backport) traces *into* them and silently bakes
+  the ``temporal_slot is None`` branch, i.e. the keyframe path, into every call site.
+* :func:`step_graphs` turns a calibrated :class:`~resq_brevitas.ResQModel` into two graphs with
+  explicit state, like a KV cache: ``keyframe(x) -> (y, *state)`` and
+  ``residual(x, *state) -> (y, *state)``. The state is each ResQ layer's reference input and
+  output ``(x_ref, z_ref)``, layer by layer in :meth:`ResQModel.resq_layers` order, identical in
+  the keyframe outputs, the residual inputs and the residual outputs. The frame counter stays in
+  the host program (see :class:`resq_brevitas.runtime.OnnxStream`).
+* :func:`unroll` turns a *float* model into a GraphModule that runs one clip of ``T`` frames (one
+  keyframe and ``T - 1`` residual frames in a static loop). Residual call sites go through twin
+  modules that share the weight ``Parameter``, so torch.ao ``prepare_qat_fx`` (with
+  ``QConfigMapping.set_module_name``) or torchao ``prepare_qat_pt2e`` give keyframe and residual
+  call sites their own fake-quants, e.g. 8-bit and 4-bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from brevitas.nn.mixin.base import QuantLayerMixin
+from torch import Tensor, fx, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from resq_brevitas.convert import fold_batch_norms
+from resq_brevitas.nn.layers import RESQ_LAYER_FOR, is_resq_layer
+
+__all__ = [
+    "ResQTracer",
+    "StateSpec",
+    "StepGraphs",
+    "step_graphs",
+    "symbolic_trace",
+    "unroll",
+    "RESIDUAL_PREFIX",
+]
+
+#: Submodule under which :func:`unroll` registers the residual twins (``resq_residual.<name>``).
+RESIDUAL_PREFIX = "resq_residual"
+
+
+class ResQTracer(fx.Tracer):
+    """A ``torch.fx.Tracer`` that keeps ResQ layers and Brevitas quant layers as leaves.
+
+    Everything else follows ``torch.fx.Tracer`` (``torch.nn`` modules are leaves, other modules
+    are traced through).
+    """
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        """ResQ layers and Brevitas quant layers are leaves; otherwise the torch.fx default."""
+        if is_resq_layer(m) or isinstance(m, QuantLayerMixin):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def symbolic_trace(root: nn.Module, concrete_args: dict[str, Any] | None = None
+                   ) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace`` with :class:`ResQTracer`.
+
+    Args:
+        root: The module to trace.
+        concrete_args: Passed to :meth:`torch.fx.Tracer.trace`.
+
+    Returns:
+        A GraphModule whose ResQ layers are ``call_module`` nodes.
+    """
+    tracer = ResQTracer()
+    graph = tracer.trace(root, concrete_args)
+    name = root.__class__.__name__ if isinstance(root, nn.Module) else root.__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+# --------------------------------------------------------------------------------------------
+# step graphs
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StateSpec:
+    """One state tensor of the step graphs.
+
+    Attributes:
+        name: Tensor name used in exported graphs (``"<layer>.x_ref"`` / ``"<layer>.z_ref"``).
+        layer: Qualified name of the ResQ layer inside ``qm.model``.
+        kind: ``"x_ref"`` (the layer's reference input) or ``"z_ref"`` (its reference output).
+    """
+
+    name: str
+    layer: str
+    kind: str
+
+
+@dataclass
+class StepGraphs:
+    """The two step graphs of a ResQ model and their shared state layout.
+
+    Attributes:
+        keyframe: ``keyframe(x) -> (y, *state)``.
+        residual: ``residual(x, *state) -> (y, *state)``; ``None`` under frame quantization.
+        state: The state tensors, in graph order.
+        layers: Names of the ResQ layers that carry state (two state tensors each).
+    """
+
+    keyframe: nn.Module
+    residual: nn.Module | None
+    state: list[StateSpec]
+    layers: list[str]
+
+
+def state_specs(layers: list[str]) -> list[StateSpec]:
+    """The state layout for ``layers``: ``x_ref`` then ``z_ref`` of each layer, in order."""
+    specs = []
+    for layer in layers:
+        specs.append(StateSpec(f"{layer}.x_ref", layer, "x_ref"))
+        specs.append(StateSpec(f"{layer}.z_ref", layer, "z_ref"))
+    return specs
+
+
+def _inplace_ops(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[str]:
+    """Descriptions of nodes that may write into their input tensor."""
+    found = []
+    for node in graph.nodes:
+        if node.op == "call_module":
+            if getattr(modules.get(node.target), "inplace", False):
+                found.append(f"{node.target} (inplace=True)")
+        elif node.op in ("call_function", "call_method"):
+            name = node.target if isinstance(node.target, str) else getattr(
+                node.target, "__name__", "")
+            in_place_name = name.endswith("_") and not name.endswith("__")
+            if node.kwargs.get("inplace", False) or in_place_name or name.startswith("__i"):
+                found.append(f"{node.name} ({name})")
+            elif node.op == "call_function" and node.target in (operator.iadd, operator.isub,
+                                                                operator.imul,
+                                                                operator.itruediv):
+                found.append(f"{node.name} ({name})")
+    return found
+
+
+def _resq_call_sites(graph: fx.Graph, layer_names: set[str]) -> dict[str, fx.Node]:
+    sites: dict[str, fx.Node] = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in layer_names:
+            if node.target in sites:
+                raise ValueError(
+                    f"ResQ layer {node.target!r} is called more than once per frame; a ResQ layer "
+                    "must be called once per forward (reuse the float module for weight sharing)"
+                )
+            if not node.args or len(node.args) > 1:
+                raise ValueError(
+                    f"ResQ layer {node.target!r} must be called with one positional input, got "
+                    f"{len(node.args)}"
+                )
+            sites[node.target] = node
+    return sites
+
+
+def step_graphs(qm: Any) -> StepGraphs:
+    """Derive the keyframe and residual step graphs of a ResQ model.
+
+    The graphs share the ResQ model's layers (no copy): the keyframe graph calls each ResQ layer
+    (its keyframe path, ``z = q_Phi_a(x) * q_Phi_w(w) + b``), the residual graph calls the
+    layer's residual view on ``x - x_ref`` and adds ``z_ref`` (eq. 4-5). In the ``keyframe``
+    reference mode the residual graph returns its state unchanged. A layer that the model never
+    calls carries no state. If the model writes in place after a ResQ layer (e.g.
+    ``ReLU(inplace=True)``), the keyframe graph clones the state tensors before they can be
+    overwritten.
+
+    Args:
+        qm: A :class:`~resq_brevitas.ResQModel`.
+
+    Returns:
+        The two GraphModules and the state layout.
+
+    Raises:
+        TypeError: If ``qm`` is not a ResQModel.
+        RuntimeError: If ``qm.model`` cannot be traced by torch.fx (data-dependent Python control
+            flow); the message says why.
+        ValueError: If a ResQ layer is called more than once or with several inputs.
+    """
+    from resq_brevitas.temporal.model import ResQModel
+
+    if not isinstance(qm, ResQModel):
+        raise TypeError(f"qm must be a ResQModel (from resq.convert), got {type(qm).__name__}")
+    try:
+        source = ResQTracer().trace(qm.model)
+    except Exception as err:  # tracing arbitrary user code can fail in many ways
+        raise RuntimeError(
+            f"qm.model ({type(qm.model).__name__}) could not be traced by torch.fx: {err}"
+        ) from err
+    order = [name for name, _ in qm.resq_layers()]
+    sites = _resq_call_sites(source, set(order))
+    layers = [name for name in order if name in sites]
+    modules = dict(qm.model.named_modules())
+    clone_state = bool(_inplace_ops(source, modules))
+    keyframe = _keyframe_graph(source, layers, clone_state)
+    residual = None
+    if qm.scheme.residual is not None:
+        residual_bits = qm.scheme.residual.act_bits
+        zero_residual = residual_bits is not None and residual_bits == (0,)
+        residual = _residual_graph(source, layers, zero_residual)
+    residual_module = None
+    if residual is not None:
+        residual_module = fx.GraphModule(qm.model, residual, "ResQResidualStep")
+        # Work that only fed skipped layers (0-bit residuals) is dead.
+        residual_module.graph.eliminate_dead_code()
+        residual_module.recompile()
+    return StepGraphs(
+        keyframe=fx.GraphModule(qm.model, keyframe, "ResQKeyframeStep"),
+        residual=residual_module,
+        state=state_specs(layers),
+        layers=layers,
+    )
+
+
+def _output_value(graph: fx.Graph) -> Any:
+    for node in graph.nodes:
+        if node.op == "output":
+            return node.args[0]
+    raise ValueError("graph has no output node")
+
+
+def _keyframe_graph(source: fx.Graph, layers: list[str], clone_state: bool) -> fx.Graph:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    state: dict[str, tuple[fx.Node, fx.Node]] = {}
+    wanted = set(layers)
+    for node in source.nodes:
+        if node.op == "output":
+            continue
+        new = graph.node_copy(node, lambda n: env[n])
+        env[node] = new
+        if node.op == "call_module" and node.target in wanted:
+            x, z = env[node.args[0]], new
+            if clone_state:
+                # A later in-place op (ReLU(inplace=True)) would overwrite the reference.
+                x = graph.call_function(torch.clone, (x,))
+                z = graph.call_function(torch.clone, (z,))
+            state[node.target] = (x, z)
+    outputs = [fx.map_arg(_output_value(source), lambda n: env[n])]
+    for layer in layers:
+        outputs.extend(state[layer])
+    graph.output(tuple(outputs))
+    graph.lint()
+    return graph
+
+
+def _residual_graph(source: fx.Graph, layers: list[str], zero_residual: bool) -> fx.Graph:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    refs: dict[str, tuple[fx.Node, fx.Node]] = {}
+    frame_seen = False
+    wanted = set(layers)
+    for node in source.nodes:
+        if node.op == "placeholder":
+            if frame_seen:
+                raise ValueError("qm.model must take exactly one input (the frame)")
+            env[node] = graph.node_copy(node, lambda n: env[n])
+            frame_seen = True
+            for i, layer in enumerate(layers):
+                refs[layer] = (graph.placeholder(f"x_ref_{i}"), graph.placeholder(f"z_ref_{i}"))
+            continue
+        if node.op == "output":
+            continue
+        if node.op == "call_module" and node.target in wanted:
+            x_ref, z_ref = refs[node.target]
+            if zero_residual:
+                # A 0-bit residual quantizer outputs zeros and the residual path has no bias.
+                env[node] = z_ref
+                continue
+            delta = graph.call_function(operator.sub, (env[node.args[0]], x_ref))
+            kwargs = fx.map_arg(node.kwargs, lambda n: env[n])
+            r = graph.call_module(f"{node.target}.residual", (delta,), kwargs)
+            env[node] = graph.call_function(operator.add, (r, z_ref))
+            continue
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    outputs = [fx.map_arg(_output_value(source), lambda n: env[n])]
+    for layer in layers:
+        outputs.extend(refs[layer])
+    graph.output(tuple(outputs))
+    graph.lint()
+    return graph
+
+
+# --------------------------------------------------------------------------------------------
+# unrolled clips for QAT in FX graph mode
+# --------------------------------------------------------------------------------------------
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent = root
+    *parents, leaf = path.split(".")
+    for name in parents:
+        child = getattr(parent, name, None)
+        if child is None:
+            child = nn.Module()
+            parent.add_module(name, child)
+        parent = child
+    parent.add_module(leaf, module)
+
+
+def _residual_twin(layer: nn.Module) -> nn.Module:
+    """A bias-free copy of ``layer`` whose ``weight`` is the very same Parameter."""
+    twin = copy.deepcopy(layer, memo={id(layer.weight): layer.weight})
+    twin.bias = None
+    return twin
+
+
+def _functional_inplace(node: fx.Node) -> None:
+    """Rewrite an in-place call into its out-of-place form (references must not change)."""
+    if node.kwargs.get("inplace", False):
+        node.kwargs = {**node.kwargs, "inplace": False}
+    if node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"):
+        if hasattr(Tensor, node.target[:-1]):
+            node.target = node.target[:-1]
+    if node.op == "call_function":
+        swaps = {operator.iadd: operator.add, operator.isub: operator.sub,
+                 operator.imul: operator.mul, operator.itruediv: operator.truediv}
+        if node.target in swaps:
+            node.target = swaps[node.target]
+
+
+def _check_clip(example: Any, period: int) -> None:
+    if not isinstance(example, Tensor):
+        raise TypeError(
+            f"example must be a torch.Tensor clip [B, T, C, ...], got {type(example).__name__}"
+        )
+    if not example.is_floating_point():
+        raise TypeError(f"example must be a floating-point tensor, got dtype {example.dtype}")
+    if example.dim() < 3 or example.shape[1] != period:
+        raise ValueError(
+            f"example must be a clip [B, T, C, ...] with T = period = {period}, got shape "
+            f"{tuple(example.shape)}"
+        )
+
+
+def unroll(model: nn.Module, period: int, example: Tensor, *, fold_bn: bool = True
+           ) -> fx.GraphModule:
+    """Unroll a float model over one clip: a keyframe and ``period - 1`` residual frames.
+
+    Frame 0 runs the model as written; at frame ``t > 0`` every supported layer (Conv1d/2d/3d,
+    ConvTranspose2d, Linear) computes ``z_t = twin(x_t - x_0) + z_0`` (eq. 4-5), where ``twin``
+    is a bias-free copy registered at ``resq_residual.<name>`` that shares the layer's ``weight``
+    Parameter. In floating point this equals running the model frame by frame (up to rounding).
+    Everything else (activations, adds, concats) runs as written, per frame. The returned module
+    maps a clip ``[B, T, C, ...]`` to outputs stacked on dim 1, like ``ResQModel.forward``.
+
+    The model is deep-copied; BatchNorms that follow a conv/linear are folded (inference
+    semantics) so that the residual path stays linear, and in-place operations are made
+    out-of-place so that references are never overwritten.
+
+    Attributes of the result: ``period``, ``keyframe_sites`` (names of the keyframe call sites,
+    i.e. the original layers) and ``residual_sites`` (``{layer name: twin name}``), to build a
+    ``QConfigMapping`` with ``set_module_name`` (see
+    :func:`resq_brevitas.observers.unrolled_qconfig_mapping`).
+
+    Args:
+        model: The float model (not modified). It must be traceable by ``torch.fx``.
+        period: ``T`` (>= 1).
+        example: A clip ``[B, T, C, ...]`` with ``T == period``; it is run once to check the
+            result.
+        fold_bn: Fold BatchNorms into the preceding layer first.
+
+    Returns:
+        The unrolled GraphModule (in the model's training mode).
+
+    Raises:
+        TypeError: On a non-module model, a non-int period or a non-tensor example.
+        ValueError: On a period < 1, an example of the wrong shape, a model without supported
+            layers, or a model torch.fx cannot trace.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(period, bool) or not isinstance(period, int):
+        raise TypeError(f"period must be an int, got {type(period).__name__} {period!r}")
+    if period < 1:
+        raise ValueError(f"period must be >= 1, got {period}")
+    _check_clip(example, period)
+    net = copy.deepcopy(model)
+    if fold_bn:
+        fold_batch_norms(net)
+    for module in net.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+    try:
+        source = fx.Tracer().trace(net)
+    except Exception as err:  # tracing arbitrary user code can fail in many ways
+        raise ValueError(
+            f"model ({type(model).__name__}) could not be traced by torch.fx: {err}"
+        ) from err
+    for node in source.nodes:
+        _functional_inplace(node)
+    modules = dict(net.named_modules())
+    sites: list[str] = []
+    for node in source.nodes:
+        if node.op == "call_module" and type(modules.get(node.target)) in RESQ_LAYER_FOR:
+            if node.target in sites:
+                raise ValueError(
+                    f"layer {node.target!r} is called more than once per frame; unroll needs one "
+                    "call per layer and frame"
+                )
+            sites.append(node.target)
+    if not sites:
+        raise ValueError(
+            "model has no supported layer (Conv1d/2d/3d, ConvTranspose2d, Linear) called in forward"
+        )
+    twins = {name: f"{RESIDUAL_PREFIX}.{name}" for name in sites}
+    for name, twin in twins.items():
+        _set_submodule(net, twin, _residual_twin(modules[name]))
+
+    graph = fx.Graph()
+    video = graph.placeholder("video")
+    placeholders = [n for n in source.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise ValueError(f"model must take exactly one input (a frame), got {len(placeholders)}")
+    refs: dict[str, tuple[fx.Node, fx.Node]] = {}
+    outputs = []
+    for t in range(period):
+        frame = graph.call_function(operator.getitem, (video, (slice(None), t)))
+        env: dict[fx.Node, fx.Node] = {placeholders[0]: frame}
+        for node in source.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                outputs.append(fx.map_arg(node.args[0], lambda n: env[n]))
+                continue
+            if t > 0 and node.op == "call_module" and node.target in twins:
+                x0, z0 = refs[node.target]
+                delta = graph.call_function(operator.sub, (env[node.args[0]], x0))
+                kwargs = fx.map_arg(node.kwargs, lambda n: env[n])
+                r = graph.call_module(twins[node.target], (delta,), kwargs)
+                env[node] = graph.call_function(operator.add, (r, z0))
+                continue
+            env[node] = graph.node_copy(node, lambda n: env[n])
+            if t == 0 and node.op == "call_module" and node.target in twins:
+                refs[node.target] = (env[node.args[0]], env[node])
+    graph.output(_stack_nodes(graph, outputs))
+    graph.lint()
+    unrolled = fx.GraphModule(net, graph, f"Unrolled{type(model).__name__}")
+    unrolled.period = period
+    unrolled.keyframe_sites = tuple(sites)
+    unrolled.residual_sites = dict(twins) if period > 1 else {}
+    was_training = unrolled.training
+    unrolled.eval()  # the check run must not update BatchNorm statistics
+    try:
+        with torch.no_grad():
+            unrolled(example)
+    finally:
+        unrolled.train(was_training)
+    return unrolled
+
+
+def _stack_nodes(graph: fx.Graph, outputs: list[Any]) -> Any:
+    """Stack per-frame outputs on a new dim 1 (the ResQModel layout), as graph nodes.
+
+    Stacking is written into the graph (one ``torch.stack`` per output leaf) so that re-tracing
+    the unrolled module (``prepare_qat_fx``, ``torch.export``) sees plain tensor ops.
+    """
+    flat = [tree_flatten(out) for out in outputs]
+    spec = flat[0][1]
+    if any(s != spec for _, s in flat):
+        raise ValueError("model outputs change structure from frame to frame")
+    leaves = []
+    for i in range(len(flat[0][0])):
+        per_frame = [leaves_t[i] for leaves_t, _ in flat]
+        if not all(isinstance(n, fx.Node) for n in per_frame):
+            raise ValueError("model outputs must be tensors (or tuples/lists/dicts of tensors)")
+        leaves.append(graph.call_function(torch.stack, (per_frame, 1)))
+    return tree_unflatten(leaves, spec)
+
+
+def iter_call_modules(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, nn.Module]]:
+    """``(node, module)`` for every ``call_module`` node of ``gm``."""
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            yield node, modules[node.target]

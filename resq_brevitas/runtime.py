@@ -1,0 +1,170 @@
+"""Drive exported keyframe/residual graphs over a stream of frames.
+
+:class:`OnnxStream` is what a deployer would otherwise write by hand around the two graphs that
+:func:`resq_brevitas.export.export` writes: a frame counter, the state tensors carried from one
+call to the next, a keyframe every ``period`` frames::
+
+    stream = OnnxStream("out/qcdq")          # reads manifest.json, opens two sessions
+    for frame in frames:                     # numpy [B, C, H, W] float32
+        y = stream.step(frame)
+    stream.reset()                           # next frame starts a new stream (a keyframe)
+
+``backend="onnxruntime"`` (default) runs both graphs with onnxruntime (QCDQ graphs);
+``backend="qonnx"`` runs them node by node with ``qonnx.core.onnx_exec.execute_onnx`` (QONNX
+graphs with ``Quant`` nodes, as FINN's reference execution does).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["OnnxStream", "qonnx_ir_compat"]
+
+_BACKENDS = ("onnxruntime", "qonnx")
+
+
+@contextmanager
+def qonnx_ir_compat(model: Any) -> Iterator[None]:
+    """Let qonnx's node-by-node execution build single-node models onnxruntime accepts.
+
+    qonnx 1.0 wraps each standard node in a fresh model stamped with ``onnx.IR_VERSION``; with
+    onnx >= 1.20 that IR version is newer than what current onnxruntime releases load
+    ("Unsupported model IR version"). Inside this block the stamp is the IR version of ``model``
+    itself (a graph onnxruntime can load), and the previous value is restored on exit. Nothing
+    changes when the installed onnx is not newer than the model.
+
+    Args:
+        model: The ``onnx.ModelProto`` about to be executed or transformed.
+    """
+    import onnx
+
+    previous = onnx.IR_VERSION
+    target = int(getattr(model, "ir_version", previous) or previous)
+    if target >= previous:
+        yield
+        return
+    onnx.IR_VERSION = target
+    try:
+        yield
+    finally:
+        onnx.IR_VERSION = previous
+
+
+class OnnxStream:
+    """Run the exported keyframe and residual graphs over frames, carrying the state.
+
+    Args:
+        out_dir: A directory written by :func:`resq_brevitas.export.export` (with
+            ``manifest.json``).
+        backend: ``"onnxruntime"`` or ``"qonnx"`` (``execute_onnx``, for QONNX graphs).
+        providers: onnxruntime execution providers (default: CPU).
+
+    Raises:
+        FileNotFoundError: If the manifest or a graph file is missing.
+        ValueError: If ``backend`` is unknown or the manifest is malformed.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str], backend: str = "onnxruntime",
+                 providers: list[str] | None = None) -> None:
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        self.out_dir = Path(out_dir)
+        manifest_path = self.out_dir / "manifest.json"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"no manifest.json in {self.out_dir}")
+        self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        files = self.manifest.get("files", {})
+        if "keyframe" not in files or "state" not in self.manifest:
+            raise ValueError(f"{manifest_path} is not a ResQ step-graph manifest")
+        self.backend = backend
+        self.period = int(self.manifest["period"])
+        self.frame_name = self.manifest["input"]["name"]
+        self.frame_shape = tuple(self.manifest["input"]["shape"])
+        self.state_names = [entry["name"] for entry in self.manifest["state"]]
+        self._runners = {kind: self._open(self.out_dir / name, providers)
+                         for kind, name in files.items()}
+        self.t = 0
+        self.state: list[np.ndarray] = []
+
+    def _open(self, path: Path, providers: list[str] | None) -> Any:
+        if not path.is_file():
+            raise FileNotFoundError(f"graph file {path} listed in the manifest is missing")
+        if self.backend == "onnxruntime":
+            import onnxruntime as ort
+
+            session = ort.InferenceSession(str(path),
+                                           providers=providers or ["CPUExecutionProvider"])
+            return lambda feeds: session.run(None, feeds)
+        from qonnx.core.modelwrapper import ModelWrapper
+        from qonnx.core.onnx_exec import execute_onnx
+
+        model = ModelWrapper(str(path))
+        outputs = [o.name for o in model.graph.output]
+
+        def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            with qonnx_ir_compat(model.model):
+                result = execute_onnx(model, feeds)
+            return [result[name] for name in outputs]
+
+        return run
+
+    def reset(self) -> None:
+        """Forget the state: the next frame is a keyframe."""
+        self.t = 0
+        self.state = []
+
+    @property
+    def next_is_keyframe(self) -> bool:
+        """Whether the next :meth:`step` runs the keyframe graph."""
+        return self.t % self.period == 0 or "residual" not in self._runners
+
+    def step(self, frame: Any) -> np.ndarray:
+        """Run one frame; returns the model output for it.
+
+        Args:
+            frame: ``[B, C, ...]`` float array (or torch tensor) of the exported shape.
+
+        Raises:
+            ValueError: If the frame's shape differs from the exported one.
+        """
+        x = _as_numpy(frame)
+        if tuple(x.shape) != self.frame_shape:
+            raise ValueError(
+                f"frame must have the exported shape {self.frame_shape}, got {tuple(x.shape)}"
+            )
+        if self.next_is_keyframe:
+            outputs = self._runners["keyframe"]({self.frame_name: x})
+        else:
+            feeds = {self.frame_name: x, **dict(zip(self.state_names, self.state))}
+            outputs = self._runners["residual"](feeds)
+        self.state = list(outputs[1:])
+        self.t += 1
+        return outputs[0]
+
+    def run(self, video: Any) -> np.ndarray:
+        """Run a fresh clip ``[B, T, C, ...]``; outputs stacked on dim 1 (like ``ResQModel``)."""
+        v = _as_numpy(video)
+        if v.ndim != len(self.frame_shape) + 1:
+            raise ValueError(
+                f"video must be [B, T, C, ...] of rank {len(self.frame_shape) + 1}, got shape "
+                f"{tuple(v.shape)}"
+            )
+        self.reset()
+        return np.stack([self.step(v[:, t]) for t in range(v.shape[1])], axis=1)
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"frame must be a numpy array or torch tensor, got {type(value).__name__}")
+    if not np.issubdtype(value.dtype, np.floating):
+        raise TypeError(f"frame must be a floating-point array, got dtype {value.dtype}")
+    return np.ascontiguousarray(value, dtype=np.float32)
