@@ -1,8 +1,11 @@
 """Train the embedded demo's float DemoSegNet on synthetic video frames (CPU, a few minutes).
 
-Usage::
+Usage (from the repository root, with the package installed, e.g. ``pip install -e .``)::
 
     python recipes/train_demo.py --steps 2500 --out resq_brevitas/demo/segnet.pt
+
+The shipped checkpoint was produced by ``python recipes/train_demo.py --threads 1`` (the
+defaults otherwise); the run is deterministic for a given thread count.
 
 Training frames are sampled from clips of ``SyntheticVideoDataset(seed=--seed)``; the held-out
 mIoU is measured on whole clips of ``SyntheticVideoDataset(seed=--eval-seed)``, whose clip
@@ -95,7 +98,8 @@ def build_frame_pool(
     for i in tqdm(range(num_clips), desc="generating clips", leave=False):
         video, label = dataset[i]
         videos.append(video[idx])
-        labels.append(label[idx])
+        # uint8 labels quarter the pool's memory; they are widened per batch.
+        labels.append(label[idx].to(torch.uint8))
     return torch.cat(videos), torch.cat(labels)
 
 
@@ -139,7 +143,7 @@ def train(args: argparse.Namespace) -> tuple[DemoSegNet, float]:
     progress = tqdm(range(args.steps), desc="training")
     for _step in progress:
         idx = torch.randint(0, frames.shape[0], (args.batch_size,), generator=gen)
-        x, y = frames[idx], labels[idx]
+        x, y = frames[idx], labels[idx].long()
         # Flips keep every class's shape identity, so they are free, label-exact augmentation.
         flip = torch.rand(args.batch_size, generator=gen) < 0.5
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)

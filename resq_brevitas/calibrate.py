@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from resq_brevitas.bn_fold import fold_batch_norms, warn_unfolded
 from resq_brevitas.config import LineSearch
 from resq_brevitas.quant.control import quantization_disabled
 from resq_brevitas.quant.line_search import (
@@ -75,6 +76,20 @@ def _run_pass(qm: ResQModel, clips: Iterable[Tensor], samples: int,
 _PATHS = ("keyframe", "residual")
 
 
+def _fold_on_first_frame(qm: ResQModel, clips: Iterable[Tensor]) -> None:
+    first = next(iter_clip_frames(qm, clips, 1))[1]
+    qm.check_frame(first, name="calibration frame")
+    try:
+        with quantization_disabled(qm):
+            folded = fold_batch_norms(qm.model, first)
+    except Exception as err:  # the eager trace runs user code: report, keep BN in float
+        warn_unfolded(qm.model, f"the eager trace failed ({err})")
+    else:
+        if folded is None:
+            warn_unfolded(qm.model, "the model could not be traced")
+    qm.bn_fold_pending = False
+
+
 def calibrate(qm: ResQModel, clips: Iterable[Tensor], *, samples: int | None = None,
               candidates: int | None = None, paths: Collection[str] = _PATHS,
               progress: bool = True) -> ResQModel:
@@ -116,6 +131,8 @@ def calibrate(qm: ResQModel, clips: Iterable[Tensor], *, samples: int | None = N
         candidates=candidates if candidates is not None else qm.config.calibration.candidates,
         samples=samples if samples is not None else qm.config.calibration.samples,
     )
+    if qm.bn_fold_pending:
+        _fold_on_first_frame(qm, clips)
     scheme = qm.scheme
     layers = dict(qm.resq_layers())
     searches: dict[tuple[str, str], StreamingLineSearch] = {}
@@ -151,7 +168,7 @@ def calibrate(qm: ResQModel, clips: Iterable[Tensor], *, samples: int | None = N
             weight, qweight = weights[(name, kind)]
             search.accumulate(x, layers[name].linear_op, weight, qweight)
 
-    was_training = qm.training
+    modes = [(m, m.training) for m in qm.modules()]  # restored one by one: modes may be mixed
     qm.eval()
     try:
         with torch.no_grad(), quantization_disabled(qm):
@@ -170,7 +187,8 @@ def calibrate(qm: ResQModel, clips: Iterable[Tensor], *, samples: int | None = N
             proxy = layer.input_quant if kind == "frame" else layer.residual.input_quant
             set_act_threshold(proxy, threshold)
     finally:
-        qm.train(was_training)
+        for module, mode in modes:
+            module.training = mode
         qm.reset()
     qm.calibrated = True
     return qm

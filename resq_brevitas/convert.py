@@ -1,8 +1,9 @@
 """``convert``: float model + :class:`ResQConfig` in, :class:`ResQModel` out.
 
 The float model is deep-copied and left untouched. BatchNorm layers that directly follow a conv or
-linear layer (found on a ``torch.fx`` trace) are folded into it with Brevitas's ``merge_bn``; then
-every supported layer is replaced by its ResQ layer with a Brevitas graph rewriter. Weight layers
+linear layer are folded into it (:mod:`resq_brevitas.bn_fold`; when ``torch.fx`` cannot trace the
+model, folding waits for the first calibration frame and uses an eager trace); then every supported
+layer is replaced by its ResQ layer with a Brevitas graph rewriter. Weight layers
 that are not supported are reported by name.
 """
 
@@ -13,11 +14,11 @@ import warnings
 from typing import Any
 
 import torch
-from brevitas.graph.base import ModuleInstanceToModuleInstance, ModuleToModuleByInstance
+from brevitas.graph.base import ModuleToModuleByInstance
 from brevitas.graph.utils import signature_keys
-from brevitas.nn.utils import merge_bn
 from torch import nn
 
+from resq_brevitas.bn_fold import fold_batch_norms
 from resq_brevitas.config import ResQConfig, Scheme
 from resq_brevitas.nn.layers import RESQ_LAYER_FOR, is_resq_layer
 from resq_brevitas.quant.quantizers import act_quant, weight_quant
@@ -25,7 +26,6 @@ from resq_brevitas.temporal.model import ResQModel
 
 __all__ = ["convert", "fold_batch_norms", "find_unsupported", "resq_layer_kwargs", "ToResQLayer"]
 
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Layers that hold weights but are left in floating point by design: they are not
 # multiply-accumulate layers (normalisation, per-channel affine, PReLU slopes).
 _ELEMENTWISE_WEIGHT_LAYERS = (
@@ -82,53 +82,6 @@ def resq_layer_kwargs(scheme: Scheme, weight_granularity: str) -> dict[str, Any]
     return kwargs
 
 
-def fold_batch_norms(model: nn.Module) -> list[str]:
-    """Fold every BatchNorm whose only input is a conv/linear used nowhere else.
-
-    Uses running statistics (inference semantics). The graph comes from ``torch.fx``; a model that
-    cannot be traced keeps its BatchNorms (with a warning).
-
-    Args:
-        model: Modified in place.
-
-    Returns:
-        Names of the folded BatchNorm layers.
-    """
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception as err:  # tracing arbitrary user code can fail in many ways
-        warnings.warn(
-            f"BatchNorm folding skipped: the model could not be traced by torch.fx ({err}); "
-            "BatchNorm layers stay in floating point", stacklevel=3,
-        )
-        return []
-    modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    folded = []
-    for node in graph.nodes:
-        bn = modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(bn, _BN_TYPES) or bn.running_mean is None or calls[node.target] != 1:
-            continue
-        producer = node.args[0]
-        if not (isinstance(producer, torch.fx.Node) and producer.op == "call_module"):
-            continue
-        layer = modules.get(producer.target)
-        if type(layer) not in RESQ_LAYER_FOR or calls[producer.target] != 1:
-            continue
-        if len(producer.users) != 1:
-            continue
-        channel_dim = 1 if isinstance(layer, nn.ConvTranspose2d) else 0
-        if channel_dim == 1 and layer.groups != 1:
-            continue  # grouped transposed weights interleave channels: leave the BN
-        merge_bn(layer, bn, output_channel_dim=channel_dim)
-        ModuleInstanceToModuleInstance(bn, nn.Identity()).apply(model)
-        folded.append(node.target)
-    return folded
-
-
 def find_unsupported(model: nn.Module) -> list[str]:
     """Names of modules with their own weights that ResQ cannot run (e.g. LSTM, MHA)."""
     names = []
@@ -168,8 +121,8 @@ def convert(model: nn.Module, config: ResQConfig | None = None) -> ResQModel:
             f"model must contain its layers; wrap a bare {type(model).__name__} in nn.Sequential"
         )
     net = copy.deepcopy(model)
-    if config.fold_bn:
-        fold_batch_norms(net)
+    # None: torch.fx could not trace the model; calibrate() folds on an eager trace instead.
+    bn_fold_pending = config.fold_bn and fold_batch_norms(net) is None
     unsupported = find_unsupported(net)
     if unsupported:
         message = ("these weight layers are not supported by ResQ and stay in floating point "
@@ -181,4 +134,6 @@ def convert(model: nn.Module, config: ResQConfig | None = None) -> ResQModel:
     targets = [m for m in net.modules() if type(m) in RESQ_LAYER_FOR]
     for module in targets:
         net = ToResQLayer(module, RESQ_LAYER_FOR[type(module)], **kwargs).apply(net)
-    return ResQModel(net, config, tuple(unsupported))
+    qm = ResQModel(net, config, tuple(unsupported))
+    qm.bn_fold_pending = bn_fold_pending
+    return qm

@@ -180,3 +180,55 @@ def test_is_resq_layer_only_for_converted() -> None:
     qm = resq.convert(UniformNet())
     assert all(is_resq_layer(m) for _, m in qm.resq_layers())
     assert not is_resq_layer(nn.Conv2d(1, 1, 1))
+
+
+class UntraceableNet(nn.Module):
+    """Control flow on the input defeats torch.fx; one BN is foldable, one is not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn_a = nn.BatchNorm2d(6)
+        self.b = nn.Conv2d(6, 6, 3, padding=1)
+        self.bn_b = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        if x.shape[-1] % 2:
+            raise ValueError("even widths only")
+        h = torch.relu(self.bn_a(self.a(x)))
+        g = self.b(h)
+        return self.bn_b(g) + g  # g has a second reader: bn_b must stay
+
+
+def _randomize_bn(net: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+def test_untraceable_model_folds_batch_norm_on_first_calibration_frame() -> None:
+    net = _randomize_bn(UntraceableNet())
+    qm = resq.convert(net, resq.ResQConfig())
+    assert qm.bn_fold_pending
+    clip = make_clip(batch=1, frames=4)
+    resq.calibrate(qm, [clip[0]], samples=4, candidates=4, progress=False)
+    assert not qm.bn_fold_pending
+    assert isinstance(qm.model.bn_a, nn.Identity)
+    assert isinstance(qm.model.bn_b, nn.BatchNorm2d)
+    with torch.no_grad(), resq.quantization_disabled(qm):
+        out = qm(clip)
+    dense = torch.stack([net(clip[:, t]) for t in range(4)], 1)
+    assert ((out - dense).abs().max() / dense.abs().max()).item() <= 1e-5
+
+
+def test_fx_and_eager_bn_detection_agree() -> None:
+    from resq_brevitas.bn_fold import conv_bn_pairs_eager, conv_bn_pairs_fx
+
+    net = make_all_layers_net()
+    eager = conv_bn_pairs_eager(net, torch.zeros(1, 3, 16, 16))
+    assert eager == conv_bn_pairs_fx(net) == [("stem", "bn")]

@@ -209,3 +209,14 @@ def test_two_models_share_nothing() -> None:
     torch.testing.assert_close(ref, again, rtol=0, atol=0)
     la, lb = dict(qa.resq_layers())["stem"], dict(qb.resq_layers())["stem"]
     assert la.weight is not lb.weight
+
+
+def test_calibrate_keeps_each_module_training_mode() -> None:
+    net = make_all_layers_net()
+    qm = resq.convert(net, resq.ResQConfig(fold_bn=False))
+    assert not qm.training  # an eval float model gives an eval ResQModel
+    qm.model.se.train()  # mixed modes survive calibration one by one
+    modes = {n: m.training for n, m in qm.named_modules()}
+    resq.calibrate(qm, [make_clip(batch=1, frames=4)[0]], samples=4, candidates=4,
+                   progress=False)
+    assert {n: m.training for n, m in qm.named_modules()} == modes

@@ -56,6 +56,7 @@ class ResQModel(nn.Module):
                  unsupported_layers: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.model = model
+        self.training = model.training  # wrap an eval model -> an eval ResQModel
         self.config = config
         self.unsupported_layers = tuple(unsupported_layers)
         self.schedule = KeyframeSchedule(config.effective_period)
@@ -71,6 +72,8 @@ class ResQModel(nn.Module):
         #: ``(frame rank incl. batch, channels)``, learnt at calibration or at the first frame.
         self.input_spec: tuple[int, int] | None = None
         self.calibrated = False
+        #: BatchNorm folding waits for an example frame (the model could not be fx-traced).
+        self.bn_fold_pending = False
         self.last_cost: CostReport | None = None
 
     # ------------------------------------------------------------------ introspection

@@ -2,8 +2,19 @@
 
 For each batch row (its own stream) a layer either runs a keyframe,
 ``z_k = q_Phi_a(x_k) * q_Phi_w(w) + b``, or a residual frame,
-``z_t = q_Theta_a(x_t - x_ref) * q_Theta_w(w) + z_ref`` (eq. 4-5). With the ``keyframe`` reference
-mode the reference ``(x_ref, z_ref)`` is set at keyframes and kept for the following frames.
+``z_t = q_Theta_a(x_t - x_ref) * q_Theta_w(w) + z_ref`` (eq. 4-5). The reference ``(x_ref, z_ref)``
+is set at keyframes; then
+
+- ``reference="keyframe"`` (ResQ) keeps it for the following frames;
+- ``reference="previous"`` (RRM / sigma-delta) advances it every frame with error feedback,
+  ``x_ref <- x_ref + q(delta)``, ``z_ref <- z_t``: what the residual path failed to send this frame
+  (quantization error, truncated entries) is part of the next frame's residual, so it does not
+  accumulate. (The ablation without feedback, ``x_ref <- x_t``, is RRM's Algorithm 1.)
+
+On residual rows, optionally: RRM truncation zeroes entries with ``|delta| <= threshold`` (their
+l2 norm feeds RRM eq. 7's accumulator), and Dynamic-ResQ's error-bound policy (eq. 9-11) picks a
+pool quantizer per pixel. The first ResQ layer of a frame may also turn residual rows into
+keyframes (scene-cut guard).
 
 Updates are transactional: :meth:`LayerState.forward` writes a *pending* reference, and the owner
 commits it only after the whole model's forward succeeded, so an exception anywhere leaves every
@@ -14,37 +25,118 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from resq_brevitas.config import ErrorBoundPolicy
+from resq_brevitas.cost import LayerCost
 from resq_brevitas.nn.layers import ResQLayerMixin
+from resq_brevitas.policy.error_bound import apply_error_bound_policy, policy_bops
+from resq_brevitas.policy.refresh import scene_cut_rows, truncated_energy_eq7
 
 __all__ = ["StepContext", "LayerState", "Observer"]
 
 #: Calibration hook ``observer(layer_name, kind, tensor)``: kind ``"frame"`` receives every row's
-#: input (keyframe ranges are set on frame inputs), ``"residual"`` the residual rows' deltas.
+#: input (keyframe ranges are set on frame inputs), ``"residual"`` the residual rows' deltas
+#: (after truncation: what the residual quantizers receive).
 Observer = Callable[[str, str, Tensor], None]
 
 
 @dataclass
 class StepContext:
-    """What every layer needs to know about the current frame.
+    """What every layer needs to know about the current frame, and what it reports back.
 
     Attributes:
-        key_mask: Bool tensor ``[B]``: which rows are keyframes at this step.
+        key_mask: Bool tensor ``[B]``: which rows are keyframes at this step (the scene-cut guard
+            may add rows at the first layer).
         observer: Optional calibration hook receiving keyframe inputs and residuals.
-        costs: Filled by layers: ``name -> (macs per row, key_mask)``.
+        costs: Filled by layers: ``name -> LayerCost``.
+        reference: ``"keyframe"`` or ``"previous"``.
+        threshold: RRM truncation ``eps`` (0: none).
+        policy: Dynamic-ResQ policy settings for pool layers.
+        error_feedback: ``previous`` mode: ``x_ref <- x_ref + q(delta)`` (True) or ``x_t``
+            (False, ablation only).
+        scene_cut: Scene-cut fraction, or ``None``; evaluated at the first layer only.
+        record_bit_maps: Store per-pixel bit maps of pool layers in ``bit_maps``.
+        keyframe_act_bits: Keyframe activation bits (bit maps of keyframe rows, policy cost).
+        bit_maps: ``name -> [B, *S]`` bits each pixel's activation was processed at.
+        truncated: Float64 ``[B]``: this frame's truncated energy summed over layers (RRM eq. 7).
+        cut: Bool ``[B]``: rows the scene-cut guard turned into keyframes.
     """
 
     key_mask: Tensor
     observer: Observer | None = None
-    costs: dict[str, tuple[int, Tensor]] = field(default_factory=dict)
+    costs: dict[str, LayerCost] = field(default_factory=dict)
+    reference: str = "keyframe"
+    threshold: float = 0.0
+    policy: ErrorBoundPolicy | None = None
+    error_feedback: bool = True
+    scene_cut: float | None = None
+    record_bit_maps: bool = False
+    keyframe_act_bits: int = 32
+    bit_maps: dict[str, Tensor] = field(default_factory=dict)
+    truncated: Tensor | None = None
+    cut: Tensor | None = None
 
     def __post_init__(self) -> None:
+        self._update_flags()
+        rows = self.key_mask.shape[0]
+        if self.truncated is None:
+            self.truncated = torch.zeros(rows, dtype=torch.float64)
+        if self.cut is None:
+            self.cut = torch.zeros(rows, dtype=torch.bool)
+
+    def _update_flags(self) -> None:
         self.all_key = bool(self.key_mask.all())
         self.no_key = not bool(self.key_mask.any())
+
+    def force_keyframes(self, rows: Tensor) -> None:
+        """Run ``rows`` (bool ``[B]``) as keyframes from the current layer on."""
+        assert self.cut is not None
+        rows = rows.to(self.key_mask.device)
+        self.cut |= rows.cpu()
+        self.key_mask = self.key_mask | rows
+        self._update_flags()
+
+
+class _Residual(NamedTuple):
+    """Result of the residual path on the residual rows ``R``."""
+
+    z: Tensor
+    x_ref: Tensor
+    z_ref: Tensor
+    density: Tensor
+    truncated: Tensor | None
+    bits: Tensor | None
+    policy_bops: Tensor | None
+    bit_map: Tensor | None
+
+
+def _rows(values: Tensor, idx: Tensor | None) -> Tensor:
+    return values if idx is None else values.index_select(0, idx)
+
+
+def _assemble(key_idx: Tensor, key_part: Tensor, res_idx: Tensor, res_part: Tensor) -> Tensor:
+    """Interleave keyframe rows and residual rows back into batch order."""
+    out = key_part.new_empty((key_idx.numel() + res_idx.numel(),) + tuple(key_part.shape[1:]))
+    out = out.index_copy(0, key_idx, key_part)
+    return out.index_copy(0, res_idx, res_part)
+
+
+def _scatter_rows(rows: int, idx: Tensor | None, values: Tensor, fill: float = 0.0) -> Tensor:
+    """Per-row statistics of the residual rows into a ``[B]`` CPU tensor."""
+    values = values.detach().to("cpu", torch.float64)
+    if idx is None:
+        return values
+    out = torch.full((rows,), fill, dtype=torch.float64)
+    return out.index_copy(0, idx.cpu(), values)
+
+
+def _nonzero_share(t: Tensor) -> Tensor:
+    flat = t.detach().flatten(1)
+    return torch.count_nonzero(flat, dim=1).double() / max(1, flat.shape[1])
 
 
 class LayerState:
@@ -60,11 +152,27 @@ class LayerState:
         self.z_ref: Tensor | None = None
         self.context: StepContext | None = None
         self._pending: tuple[Tensor, Tensor] | None = None
+        self._input: tuple[Tensor, int] | None = None
 
     def reset(self) -> None:
         """Forget the references (a new stream starts)."""
         self.x_ref = self.z_ref = None
         self._pending = None
+        self._input = None
+
+    def verify(self) -> None:
+        """Raise if the model modified, in place, an input this layer keeps as its reference.
+
+        Called on every layer before any commits, so a failure leaves all states intact.
+        """
+        if self._input is not None:
+            tensor, version = self._input
+            if tensor._version != version:
+                raise RuntimeError(
+                    f"the input of ResQ layer {self.name!r} was modified in place after the "
+                    "layer read it; ResQ keeps it as the layer's reference, so the model must not "
+                    "change it in place (e.g. use ReLU(inplace=False) on tensors a layer reads)"
+                )
 
     def commit(self, detach: bool) -> None:
         """Make the pending reference current (after a successful model forward)."""
@@ -74,10 +182,17 @@ class LayerState:
                 x_ref, z_ref = x_ref.detach(), z_ref.detach()
             self.x_ref, self.z_ref = x_ref, z_ref
         self._pending = None
+        self._input = None
+
+    def _watch_input(self, x: Tensor) -> None:
+        # Inference-mode tensors have no version counter: the check is skipped for them.
+        if not x.is_inference():
+            self._input = (x, x._version)
 
     def rollback(self) -> None:
         """Drop the pending reference (the model's forward failed)."""
         self._pending = None
+        self._input = None
 
     def forward(self, layer: ResQLayerMixin, x: Tensor, **kwargs: Any) -> Tensor:
         """Run ``layer`` on ``x``: keyframe rows through the keyframe path, others as residuals."""
@@ -88,7 +203,6 @@ class LayerState:
                 f"ResQ layer {self.name!r} was called twice in one frame; a ResQ layer must be "
                 "called once per forward (reuse the float module for weight sharing)"
             )
-        key = ctx.key_mask
         if not ctx.all_key and (self.x_ref is None or self.x_ref.shape != x.shape):
             raise RuntimeError(
                 f"ResQ layer {self.name!r} has no keyframe reference of shape {tuple(x.shape)} "
@@ -96,36 +210,124 @@ class LayerState:
             )
         if ctx.observer is not None:
             ctx.observer(self.name, "frame", x)
+        if ctx.scene_cut is not None:
+            self._scene_cut(x)
+        rows = x.shape[0]
+        key = ctx.key_mask
+        residual_bits = policy = density = None
+        bit_map = None
         if ctx.all_key:
             z = layer.keyframe_forward(x, **kwargs)
             x_ref, z_ref = x, z
-        elif ctx.no_key:
-            delta = x - self.x_ref
-            if ctx.observer is not None:
-                ctx.observer(self.name, "residual", delta)
-            z = layer.residual_forward(delta, **kwargs) + self.z_ref
-            x_ref, z_ref = self.x_ref, self.z_ref
+            self._watch_input(x)
         else:
-            z = self._mixed_forward(layer, x, key, **kwargs)
-            row_shape = (-1,) + (1,) * (x.dim() - 1)
-            x_ref = torch.where(key.view(row_shape), x, self.x_ref)
-            z_ref = torch.where(key.view((-1,) + (1,) * (z.dim() - 1)), z, self.z_ref)
+            res_idx = None if ctx.no_key else (~key).nonzero().squeeze(1)
+            res = self._residual(layer, _rows(x, res_idx), _rows(self.x_ref, res_idx),
+                                 _rows(self.z_ref, res_idx), **kwargs)
+            if res_idx is None:
+                z, x_ref, z_ref = res.z, res.x_ref, res.z_ref
+                if x_ref is x:
+                    self._watch_input(x)
+            else:
+                key_idx = key.nonzero().squeeze(1)
+                x_key = x.index_select(0, key_idx)
+                z_key = layer.keyframe_forward(x_key, **kwargs)
+                z = _assemble(key_idx, z_key, res_idx, res.z)
+                x_ref = _assemble(key_idx, x_key, res_idx, res.x_ref)
+                z_ref = _assemble(key_idx, z_key, res_idx, res.z_ref)
+            density = _scatter_rows(rows, res_idx, res.density, fill=float("nan"))
+            if res.truncated is not None:
+                assert ctx.truncated is not None
+                ctx.truncated += _scatter_rows(rows, res_idx, res.truncated)
+            if res.bits is not None:
+                residual_bits = _scatter_rows(rows, res_idx, res.bits)
+                assert res.policy_bops is not None
+                policy = _scatter_rows(rows, res_idx, res.policy_bops)
+                if res.bit_map is not None:
+                    key_bits = res.bit_map.new_full(
+                        (key_idx.numel(),) + tuple(res.bit_map.shape[1:]), ctx.keyframe_act_bits)
+                    bit_map = _assemble(key_idx, key_bits, res_idx, res.bit_map)
+            if res_idx is None:
+                bit_map = res.bit_map
+        if ctx.record_bit_maps and layer.residual_pool is not None:
+            if bit_map is None:  # every row a keyframe
+                spatial = _spatial_shape(layer, x)
+                bit_map = torch.full((rows,) + spatial, ctx.keyframe_act_bits, dtype=torch.int8)
+            ctx.bit_maps[self.name] = bit_map.to("cpu", torch.int8)
+        if z_ref is z:
+            # The model may modify a layer's output in place (ReLU(inplace=True) right after a
+            # conv): the stored reference must not be that tensor.
+            z = z.clone()
         self._pending = (x_ref, z_ref)
-        ctx.costs[self.name] = (layer.macs(tuple(x.shape[1:]), tuple(z.shape[1:])), key)
+        ctx.costs[self.name] = LayerCost(
+            macs=layer.macs(tuple(x.shape[1:]), tuple(z.shape[1:])),
+            key_mask=key,
+            residual_bits=residual_bits,
+            policy_bops=policy,
+            residual_density=density,
+            frame_density=_nonzero_share(x).cpu(),
+        )
         return z
 
-    def _mixed_forward(self, layer: ResQLayerMixin, x: Tensor, key: Tensor, **kwargs: Any
-                       ) -> Tensor:
+    def _scene_cut(self, x: Tensor) -> None:
+        """Scene-cut guard at the frame's first ResQ layer: residual rows whose residual energy
+        exceeds the fraction of the frame's energy become keyframes from here on."""
         ctx = self.context
-        assert ctx is not None and self.x_ref is not None and self.z_ref is not None
-        key_idx = key.nonzero().squeeze(1)
-        res_idx = (~key).nonzero().squeeze(1)
-        x_key = x.index_select(0, key_idx)
-        delta = x.index_select(0, res_idx) - self.x_ref.index_select(0, res_idx)
+        assert ctx is not None and ctx.scene_cut is not None
+        fraction, ctx.scene_cut = ctx.scene_cut, None  # later layers must not re-decide
+        if ctx.all_key:
+            return
+        assert self.x_ref is not None
+        cut = scene_cut_rows(x - self.x_ref, x, fraction) & ~ctx.key_mask.cpu()
+        if bool(cut.any()):
+            ctx.force_keyframes(cut)
+
+    def _residual(self, layer: ResQLayerMixin, x: Tensor, x_ref: Tensor, z_ref: Tensor,
+                  **kwargs: Any) -> _Residual:
+        """The residual path on residual rows: truncation, quantization (static or policy),
+        the layer's residual view, and the next reference."""
+        ctx = self.context
+        assert ctx is not None
+        delta = x - x_ref
+        truncated = None
+        if ctx.threshold > 0:
+            small = delta.abs() <= ctx.threshold
+            truncated = truncated_energy_eq7(delta.masked_fill(~small, 0))
+            delta = delta.masked_fill(small, 0)
         if ctx.observer is not None:
             ctx.observer(self.name, "residual", delta)
-        z_key = layer.keyframe_forward(x_key, **kwargs)
-        z_res = layer.residual_forward(delta, **kwargs) + self.z_ref.index_select(0, res_idx)
-        z = z_key.new_empty((x.shape[0],) + tuple(z_key.shape[1:]))
-        z = z.index_copy(0, key_idx, z_key)
-        return z.index_copy(0, res_idx, z_res)
+        bits = policy = bit_map = None
+        sent = delta
+        if layer.residual_pool is not None:
+            assert ctx.policy is not None, "a pool layer needs the Dynamic-ResQ policy"
+            quantized = layer.pool_quantize(delta)
+            qdelta, index, units = apply_error_bound_policy(
+                delta, quantized, layer.residual_weight_norm(), ctx.policy, layer.channel_dim)
+            pool_bits = torch.tensor(layer.pool_bits, device=index.device)
+            bit_map = pool_bits[index]
+            z = layer.residual_apply(qdelta, **kwargs) + z_ref
+            positions = layer.spatial_positions(tuple(x.shape[1:]))
+            bits = bit_map.reshape(bit_map.shape[0], -1).double().mean(1)
+            overhead = policy_bops(len(layer.pool_bits), x.shape[layer.channel_dim], positions,
+                                   units, ctx.keyframe_act_bits)
+            policy = torch.full((x.shape[0],), float(overhead), dtype=torch.float64)
+            active = (bit_map > 0).unsqueeze(1 if layer.channel_dim >= 0 else bit_map.dim())
+            sent = delta * active
+        elif ctx.reference == "previous":
+            qdelta = layer.residual_quantize(delta)
+            z = layer.residual_apply(qdelta, **kwargs) + z_ref
+        else:
+            qdelta = None
+            z = layer.residual_forward(delta, **kwargs) + z_ref
+        if ctx.reference == "previous":
+            assert qdelta is not None
+            new_x_ref = x_ref + qdelta if ctx.error_feedback else x
+            new_z_ref = z
+        else:
+            new_x_ref, new_z_ref = x_ref, z_ref
+        return _Residual(z, new_x_ref, new_z_ref, _nonzero_share(sent), truncated, bits,
+                         policy, bit_map)
+
+
+def _spatial_shape(layer: ResQLayerMixin, x: Tensor) -> tuple[int, ...]:
+    return tuple(x.shape[1:-1]) if layer.channel_dim == -1 else tuple(x.shape[2:])

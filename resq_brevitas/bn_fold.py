@@ -1,0 +1,176 @@
+"""Fold BatchNorm into the conv/linear layer that feeds it.
+
+A BatchNorm is folded when its input is the output of one supported layer (float or ResQ) and
+nothing else reads that output. The pattern is found on a ``torch.fx`` trace when the model can be
+traced; otherwise (data-dependent control flow, input checks) on an *eager* trace of one forward
+pass with an example input, which records which calls read each layer output. Folding uses running
+statistics (inference semantics) and Brevitas's ``merge_bn``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from typing import Any
+
+import torch
+from brevitas.graph.base import ModuleInstanceToModuleInstance
+from brevitas.nn.utils import merge_bn
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+from resq_brevitas.nn.layers import RESQ_LAYER_FOR, is_resq_layer
+
+__all__ = ["BN_TYPES", "conv_bn_pairs_fx", "conv_bn_pairs_eager", "fold_batch_norms"]
+
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Tensor queries that read metadata only: they do not consume the layer output.
+_METADATA_FUNCS = {"dim", "size", "numel", "__get__", "is_floating_point", "stride", "ndimension"}
+
+
+def _is_producer(module: nn.Module) -> bool:
+    return type(module) in RESQ_LAYER_FOR or is_resq_layer(module)
+
+
+def conv_bn_pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
+    """``(layer, batchnorm)`` name pairs found on a ``torch.fx`` trace.
+
+    Raises:
+        Exception: Whatever ``torch.fx.symbolic_trace`` raises on untraceable code.
+    """
+    graph = torch.fx.symbolic_trace(model).graph
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), BN_TYPES):
+            continue
+        producer = node.args[0]
+        if not (isinstance(producer, torch.fx.Node) and producer.op == "call_module"):
+            continue
+        if (_is_producer(modules[producer.target]) and len(producer.users) == 1
+                and calls[producer.target] == 1 and calls[node.target] == 1):
+            pairs.append((producer.target, node.target))
+    return pairs
+
+
+def conv_bn_pairs_eager(model: nn.Module, example: Any) -> list[tuple[str, str]]:
+    """``(layer, batchnorm)`` name pairs found by running ``model(example)`` once.
+
+    Each call of a leaf module (a supported layer, a BatchNorm, or a module without children) is
+    one consumer of its tensor inputs; each torch call outside leaf modules is one consumer too. A
+    BatchNorm qualifies when its input was produced by a supported layer called once and the
+    BatchNorm call is that output's only consumer.
+    """
+    modules = dict(model.named_modules())
+    leaves = {name for name, m in modules.items()
+              if _is_producer(m) or isinstance(m, BN_TYPES) or not any(True for _ in m.children())}
+    counter = itertools.count()
+    stack: list[str] = []
+    produced: dict[int, str] = {}
+    consumers: dict[int, set[tuple[str, int]]] = {}
+    bn_inputs: dict[str, list[int]] = {}
+    calls: dict[str, int] = {}
+    alive: list[Tensor] = []  # keeps ids unique for the duration of the trace
+
+    def consume(obj: Any, key: tuple[str, int]) -> None:
+        for leaf in tree_leaves(obj):
+            if isinstance(leaf, Tensor):
+                consumers.setdefault(id(leaf), set()).add(key)
+                alive.append(leaf)
+
+    def pre_hook(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            if not stack:
+                consume(args, (name, next(counter)))
+                if isinstance(module, BN_TYPES):
+                    bn_inputs.setdefault(name, []).append(id(args[0]))
+            stack.append(name)
+        return hook
+
+    def post_hook(name: str):
+        def hook(module: nn.Module, args: tuple, out: Any) -> None:
+            stack.pop()
+            if not stack and _is_producer(module) and isinstance(out, Tensor):
+                produced[id(out)] = name
+                alive.append(out)
+        return hook
+
+    class _Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if not stack and getattr(func, "__name__", "") not in _METADATA_FUNCS:
+                consume((args, kwargs), ("op", next(counter)))
+            return func(*args, **kwargs)
+
+    handles = []
+    for name in leaves:
+        if name == "":
+            continue
+        handles.append(modules[name].register_forward_pre_hook(pre_hook(name)))
+        handles.append(modules[name].register_forward_hook(post_hook(name)))
+    try:
+        with torch.no_grad(), _Mode():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    pairs = []
+    for bn_name, inputs in bn_inputs.items():
+        if len(inputs) != 1 or calls[bn_name] != 1:
+            continue
+        producer = produced.get(inputs[0])
+        if producer is None or calls.get(producer) != 1:
+            continue
+        if len(consumers.get(inputs[0], ())) == 1:
+            pairs.append((producer, bn_name))
+    return pairs
+
+
+def fold_batch_norms(model: nn.Module, example: Any = None) -> list[str] | None:
+    """Fold every BatchNorm that directly and exclusively follows a supported layer.
+
+    Args:
+        model: Modified in place (float or converted).
+        example: An example input; used only when ``torch.fx`` cannot trace the model.
+
+    Returns:
+        Names of the folded BatchNorm layers, or ``None`` when the model could not be traced and
+        no ``example`` was given (the caller may retry with one).
+    """
+    try:
+        pairs = conv_bn_pairs_fx(model)
+    except Exception:  # tracing arbitrary user code can fail in many ways; fall back to eager
+        if example is None:
+            return None
+        was_training = model.training
+        model.eval()
+        try:
+            pairs = conv_bn_pairs_eager(model, example)
+        finally:
+            model.train(was_training)
+    modules = dict(model.named_modules())
+    folded = []
+    for layer_name, bn_name in pairs:
+        layer, bn = modules[layer_name], modules[bn_name]
+        if bn.running_mean is None:
+            continue
+        transposed = isinstance(layer, nn.ConvTranspose2d)
+        if transposed and layer.groups != 1:
+            continue  # grouped transposed weights interleave output channels: keep the BN
+        merge_bn(layer, bn, output_channel_dim=1 if transposed else 0)
+        ModuleInstanceToModuleInstance(bn, nn.Identity()).apply(model)
+        folded.append(bn_name)
+    return folded
+
+
+def warn_unfolded(model: nn.Module, reason: str) -> None:
+    """Warn that BatchNorm layers stay in floating point."""
+    names = [n for n, m in model.named_modules() if isinstance(m, BN_TYPES)]
+    if names:
+        warnings.warn(f"BatchNorm layers {names} stay in floating point: {reason}", stacklevel=3)
