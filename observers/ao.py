@@ -14,13 +14,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.ao.quantization import FakeQuantize, QConfig, QConfigMapping
 from torch.ao.quantization.observer import (
     MinMaxObserver,
     PerChannelMinMaxObserver,
     UniformQuantizationObserverBase,
 )
-from torch import Tensor
 
 from resq_brevitas.config import Precision, Scheme
 

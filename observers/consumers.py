@@ -36,7 +36,7 @@ def _line_search_of(module: nn.Module) -> LineSearchRangeMixin | None:
 
 
 def line_search_observers(model: nn.Module) -> dict[str, LineSearchRangeMixin]:
-    """``{name: observer}`` for every line-search observer in ``model`` (also inside fake-quants)."""
+    """``{name: observer}`` for every line-search observer in ``model`` (also in fake-quants)."""
     found: dict[str, LineSearchRangeMixin] = {}
     for name, module in model.named_modules():
         if isinstance(module, LineSearchRangeMixin) and all(

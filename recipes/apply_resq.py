@@ -14,6 +14,13 @@ Your own pipeline::
 
 ``--clips`` is a folder of .mp4 files (decoded with PyAV) or ``pkg.module:loader_factory``, a
 callable returning clips ``[T, C, H, W]`` or ``(clip, labels [T, H, W])`` pairs.
+
+Dynamic-ResQ: a pool scheme with one or more ``--tau`` adds one row per ``tau`` and period, and
+writes the paper's Fig. 6 (per-pixel bits per layer, for the middle ``tau``) to
+``<out>/dynamic_bit_maps.png``::
+
+    python recipes/apply_resq.py --scheme "W8A8->W8A4" --scheme "W8A8->W8A{0,4,8}" \\
+        --tau 1e-3 1e-2 1e-1 --period 4 --out out/
 """
 
 from __future__ import annotations
@@ -29,8 +36,8 @@ from typing import Any
 
 import torch
 
-from resq_brevitas.config import LineSearch, Scheme
-from resq_brevitas.evaluation import compare_schemes, format_table, load_object
+from resq_brevitas.config import ErrorBoundPolicy, LineSearch, ResQConfig, Scheme
+from resq_brevitas.evaluation import compare_configs, compare_schemes, format_table, load_object
 
 DEMO_FRAME_SCHEMES = ["W8A8", "W6A6", "W5A5", "W4A4"]
 DEMO_RESQ_SCHEMES = ["W8A8->W4A4", "W8A8->W8A4"]
@@ -56,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=64, help="frame size for decoded videos/demo")
     p.add_argument("--out", type=Path, default=Path("resq_out"), help="output folder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--tau", type=float, nargs="+",
+                   help="Dynamic-ResQ tau value(s) for pool schemes like 'W8A8->W8A{0,4,8}' "
+                        "(default 3e-4, the paper's)")
+    p.add_argument("--granularity", choices=("pixel", "region", "frame"), default="pixel",
+                   help="Dynamic-ResQ policy granularity")
+    p.add_argument("--region-k", type=int, default=4, help="block size of --granularity region")
     args = p.parse_args(argv)
     if args.period is not None and any(t < 1 for t in args.period):
         p.error(f"--period must be >= 1, got {args.period}")
@@ -66,6 +79,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             Scheme.parse(text)
         except ValueError as err:
             p.error(str(err))
+    if args.tau is not None:
+        if any(not t >= 0 for t in args.tau):
+            p.error(f"--tau must be >= 0, got {args.tau}")
+        if not any(Scheme.parse(t).is_dynamic for t in args.scheme or []):
+            p.error("--tau needs a pool scheme, e.g. --scheme 'W8A8->W8A{0,4,8}'")
+    if args.region_k < 1:
+        p.error(f"--region-k must be >= 1, got {args.region_k}")
     return args
 
 
@@ -132,11 +152,47 @@ def configs_from_args(args: argparse.Namespace) -> list[tuple[str, int]]:
     configs = []
     for text in args.scheme:
         scheme = Scheme.parse(text)
+        if scheme.is_dynamic:
+            continue  # see dynamic_configs_from_args
         if scheme.is_frame_quantization:
             configs.append((text, 1))
         else:
             configs.extend((text, t) for t in (args.period or [4]))
     return configs
+
+
+def dynamic_configs_from_args(args: argparse.Namespace) -> list[ResQConfig]:
+    """One Dynamic-ResQ config per pool scheme, period and ``tau``."""
+    calibration = LineSearch(candidates=args.candidates, samples=args.calib_samples)
+    configs = []
+    for text in args.scheme or []:
+        if not Scheme.parse(text).is_dynamic:
+            continue
+        for period in args.period or [4]:
+            for tau in args.tau or [3e-4]:
+                policy = ErrorBoundPolicy(tau=tau, granularity=args.granularity, k=args.region_k)
+                configs.append(ResQConfig(scheme=text, period=period, policy=policy,
+                                          calibration=calibration))
+    return configs
+
+
+def figure_config(configs: list[ResQConfig]) -> ResQConfig:
+    """The Dynamic-ResQ config drawn in Fig. 6: the first one with the middle tau."""
+    taus = sorted({c.policy.tau for c in configs})
+    return next(c for c in configs if c.policy.tau == taus[len(taus) // 2])
+
+
+def write_bit_map_figure(maps: dict, clip: torch.Tensor, config: ResQConfig,
+                         out: Path) -> list[Path]:
+    try:
+        from resq_brevitas.viz import plot_bit_maps
+
+        title = (f"Dynamic-ResQ {config.scheme} T={config.period} tau={config.policy.tau:g}: "
+                 "bits per pixel")
+        return [plot_bit_maps(maps, out / "dynamic_bit_maps.png", video=clip, title=title)]
+    except (ImportError, ValueError) as err:
+        print(f"(no bit-map figure: {err})")
+        return []
 
 
 def write_outputs(rows: list, out: Path) -> list[Path]:
@@ -174,9 +230,25 @@ def main(argv: list[str] | None = None) -> int:
         calibration=LineSearch(candidates=args.candidates, samples=args.calib_samples),
         progress=not args.no_progress,
     )
+    dynamic = dynamic_configs_from_args(args)
+    maps: dict = {}
+    if dynamic:
+        pick = figure_config(dynamic)
+
+        def keep_bit_maps(config: ResQConfig, qm: Any) -> None:
+            if config is pick:
+                with torch.no_grad():
+                    qm(eval_clips[0].unsqueeze(0))
+                maps.update(qm.last_bit_maps)
+
+        rows += compare_configs(model, dynamic, calib, eval_clips, labels, num_classes,
+                                progress=not args.no_progress, include_float=False,
+                                on_model=keep_bit_maps)
     print()
     print(format_table(rows))
     written = write_outputs(rows, args.out)
+    if maps:
+        written += write_bit_map_figure(maps, eval_clips[0], pick, args.out)
     print()
     print("wrote " + ", ".join(str(p) for p in written))
     print(f"done in {time.perf_counter() - start:.1f} s")

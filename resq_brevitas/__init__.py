@@ -10,9 +10,18 @@ Typical use::
 """
 
 from resq_brevitas.calibrate import calibrate
-from resq_brevitas.config import LineSearch, Precision, ResQConfig, Scheme
+from resq_brevitas.config import (
+    ErrorBoundPolicy,
+    ErrorBudgetRefresh,
+    FixedPeriodRefresh,
+    LineSearch,
+    Precision,
+    ResQConfig,
+    SceneCutRefresh,
+    Scheme,
+)
 from resq_brevitas.convert import convert
-from resq_brevitas.cost import CostReport, count_bops, count_macs
+from resq_brevitas.cost import CostReport, LayerCost, count_bops, count_macs
 from resq_brevitas.quant.control import quantization_disabled
 from resq_brevitas.temporal.model import ResQModel
 
@@ -20,10 +29,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CostReport",
+    "ErrorBoundPolicy",
+    "ErrorBudgetRefresh",
+    "FixedPeriodRefresh",
+    "LayerCost",
     "LineSearch",
     "Precision",
     "ResQConfig",
     "ResQModel",
+    "SceneCutRefresh",
     "Scheme",
     "calibrate",
     "convert",

@@ -5,10 +5,17 @@ to the keyframe, each with its own quantized weight. The model runs in floating 
 temporal decomposition (:func:`quantization_disabled`) in two streaming passes over the same
 ``c`` frames: pass 1 reduces min/max, pass 2 accumulates the per-candidate output SSE. Memory does
 not grow with ``c``; under ``torch.distributed`` both reductions are all-reduced.
+
+Dynamic-ResQ: every quantizer of a residual pool is calibrated on the same residuals like the
+static one (eq. 8 at its own bit width). RRM's error-budget refresh: after the ranges are set, a
+third pass runs the quantized model on the same frames (fixed schedule) and fits RRM eq. 8's
+polynomial from each stream's accumulated truncated energy to its relative output error against
+the keyframe path (what a refresh would give on that frame).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator
 
 import torch
@@ -16,7 +23,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from resq_brevitas.bn_fold import fold_batch_norms, warn_unfolded
-from resq_brevitas.config import LineSearch
+from resq_brevitas.config import ErrorBudgetRefresh, LineSearch
+from resq_brevitas.policy.refresh import fit_error_polynomial, relative_output_error
 from resq_brevitas.quant.control import quantization_disabled
 from resq_brevitas.quant.line_search import (
     StreamingLineSearch,
@@ -27,7 +35,7 @@ from resq_brevitas.quant.line_search import (
 )
 from resq_brevitas.temporal.model import ResQModel
 
-__all__ = ["calibrate", "iter_clip_frames"]
+__all__ = ["calibrate", "iter_clip_frames", "fit_refresh_polynomial"]
 
 
 def _as_batched_clip(clip: object, index: int) -> Tensor:
@@ -66,7 +74,7 @@ def _run_pass(qm: ResQModel, clips: Iterable[Tensor], samples: int,
             if starts_clip:
                 qm.reset()
             qm.check_frame(frame, name="calibration frame")
-            qm.run_step(frame, detach=True, observer=observer)
+            qm.run_step(frame, detach=True, observer=observer, adaptive=False)
             bar.update(frame.shape[0])
     finally:
         bar.close()
@@ -135,60 +143,126 @@ def calibrate(qm: ResQModel, clips: Iterable[Tensor], *, samples: int | None = N
         _fold_on_first_frame(qm, clips)
     scheme = qm.scheme
     layers = dict(qm.resq_layers())
-    searches: dict[tuple[str, str], StreamingLineSearch] = {}
-    weights: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
+    # One line search per (layer, kind, quantizer): the keyframe quantizer on frame inputs, the
+    # residual quantizer (or each pool quantizer) on residuals.
+    searches: dict[tuple[str, str, int], StreamingLineSearch] = {}
+    weights: dict[tuple[str, str, int], tuple[Tensor, Tensor]] = {}
+    proxies: dict[tuple[str, str, int], torch.nn.Module] = {}
     for name, layer in layers.items():
-        todo = []
+        todo: list[tuple[str, int, int | None, torch.nn.Module, torch.nn.Module]] = []
         if "keyframe" in paths:
-            todo.append(("frame", scheme.keyframe, layer))
+            bits = scheme.keyframe.act_bits[0] if scheme.keyframe.act_bits else None
+            todo.append(("frame", 0, bits, layer, layer.input_quant))
         # period 1 never runs residuals: nothing to calibrate them on
         if "residual" in paths and scheme.residual is not None and qm.period > 1:
-            todo.append(("residual", scheme.residual, layer.residual))
-        for kind, precision, path in todo:
-            bits = precision.act_bits[0] if precision.act_bits else None
+            if layer.residual_pool is not None:
+                for i, (bits, quant) in enumerate(zip(layer.pool_bits, layer.residual_pool)):
+                    todo.append(("residual", i, bits, layer.residual, quant.act_quant))
+            else:
+                res_bits = scheme.residual.act_bits[0] if scheme.residual.act_bits else None
+                todo.append(("residual", 0, res_bits, layer.residual,
+                             layer.residual.input_quant))
+        for kind, slot, bits, path, proxy in todo:
             if not bits:  # fp32 or 0-bit: nothing to search
                 continue
-            searches[(name, kind)] = StreamingLineSearch(bits, settings.candidates)
+            searches[(name, kind, slot)] = StreamingLineSearch(bits, settings.candidates)
             with torch.no_grad():
                 qweight = path.quant_weight()
             qweight = getattr(qweight, "value", qweight).detach()
-            weights[(name, kind)] = (layer.weight.detach(), qweight)
-    if not searches:
+            weights[(name, kind, slot)] = (layer.weight.detach(), qweight)
+            proxies[(name, kind, slot)] = proxy
+    by_input: dict[tuple[str, str], list[tuple[str, str, int]]] = {}
+    for key in searches:
+        by_input.setdefault(key[:2], []).append(key)
+    budget = qm.config.refresh_of(ErrorBudgetRefresh)
+    fit_refresh = (budget is not None and budget.coefficients is None and "residual" in paths
+                   and qm.period > 1)
+    if not searches and not fit_refresh:
         qm.calibrated = True
         return qm
 
     def observe_range(name: str, kind: str, x: Tensor) -> None:
-        search = searches.get((name, kind))
-        if search is not None:
-            search.observe_range(x)
+        for key in by_input.get((name, kind), ()):
+            searches[key].observe_range(x)
 
     def accumulate(name: str, kind: str, x: Tensor) -> None:
-        search = searches.get((name, kind))
-        if search is not None:
-            weight, qweight = weights[(name, kind)]
-            search.accumulate(x, layers[name].linear_op, weight, qweight)
+        for key in by_input.get((name, kind), ()):
+            weight, qweight = weights[key]
+            searches[key].accumulate(x, layers[name].linear_op, weight, qweight)
 
     modes = [(m, m.training) for m in qm.modules()]  # restored one by one: modes may be mixed
     qm.eval()
     try:
-        with torch.no_grad(), quantization_disabled(qm):
-            _run_pass(qm, clips, settings.samples, observe_range, "calibration ranges", progress)
-            _run_pass(qm, clips, settings.samples, accumulate, "calibration line search",
-                      progress)
-        unseen = [f"{name} ({kind})" for (name, kind), s in searches.items() if not s.observed]
-        if unseen and not _distributed():
-            raise ValueError(
-                f"calibration clips never reached these layer inputs: {', '.join(unseen)}; "
-                "residual quantizers need clips of at least 2 frames"
-            )
-        for (name, kind), search in searches.items():
-            threshold, _, _ = search.result()
-            layer = layers[name]
-            proxy = layer.input_quant if kind == "frame" else layer.residual.input_quant
-            set_act_threshold(proxy, threshold)
+        if searches:
+            with torch.no_grad(), quantization_disabled(qm):
+                _run_pass(qm, clips, settings.samples, observe_range, "calibration ranges",
+                          progress)
+                _run_pass(qm, clips, settings.samples, accumulate, "calibration line search",
+                          progress)
+            unseen = [f"{name} ({kind})" for (name, kind, _), s in searches.items()
+                      if not s.observed]
+            if unseen and not _distributed():
+                raise ValueError(
+                    f"calibration clips never reached these layer inputs: {', '.join(unseen)}; "
+                    "residual quantizers need clips of at least 2 frames"
+                )
+            for key, search in searches.items():
+                threshold, _, _ = search.result()
+                set_act_threshold(proxies[key], threshold)
+        if fit_refresh:
+            assert budget is not None
+            qm.error_polynomial = fit_refresh_polynomial(qm, clips, settings.samples,
+                                                         budget.degree, progress)
     finally:
         for module, mode in modes:
             module.training = mode
         qm.reset()
     qm.calibrated = True
     return qm
+
+
+def fit_refresh_polynomial(qm: ResQModel, clips: Iterable[Tensor], samples: int,
+                           degree: int = 4, progress: bool = False) -> tuple[float, ...]:
+    """Fit RRM eq. 8's polynomial on calibration clips (the model's ranges must be set).
+
+    Each calibration frame runs through the quantized model with the fixed keyframe schedule;
+    every stream contributes the pair (accumulated truncated energy since its keyframe, RRM eq. 7;
+    relative error of the model output against the keyframe path on the same frame).
+
+    Args:
+        qm: The model; its state is reset afterwards.
+        clips: Calibration clips (as for :func:`calibrate`).
+        samples: Frames to use (per batch row, across clips).
+        degree: Polynomial degree.
+        progress: Show a progress bar.
+
+    Returns:
+        ``(c_1, ..., c_degree)`` (zeros, with a warning, when nothing was truncated).
+    """
+    energies: list[Tensor] = []
+    errors: list[Tensor] = []
+    bar = tqdm(total=samples, desc="calibration refresh fit", disable=not progress, leave=False)
+    try:
+        with torch.no_grad():
+            for starts_clip, frame in iter_clip_frames(qm, clips, samples):
+                if starts_clip:
+                    qm.reset()
+                qm.check_frame(frame, name="calibration frame")
+                out, _ = qm.run_step(frame, detach=True, adaptive=False)
+                # Layers have no temporal slot outside a step: this is the keyframe path.
+                reference = qm.model(frame)
+                assert qm._truncation is not None
+                energies.append(qm._truncation.clone())
+                errors.append(relative_output_error(out, reference))
+                bar.update(frame.shape[0])
+    finally:
+        bar.close()
+        qm.reset()
+    energy = torch.cat(energies)
+    if not bool((energy > 0).any()):
+        warnings.warn(
+            "ErrorBudgetRefresh: the calibration clips truncated nothing (threshold too small or "
+            "clips static); the fitted polynomial is zero and the refresh never fires",
+            stacklevel=3,
+        )
+    return fit_error_polynomial(energy, torch.cat(errors), degree)

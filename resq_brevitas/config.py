@@ -8,15 +8,22 @@ activation bit widths (``"W8A8->W8A{0,4,8}"``) is the Dynamic-ResQ notation.
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 __all__ = [
     "MAX_BITS",
     "Precision",
     "Scheme",
     "LineSearch",
+    "ErrorBoundPolicy",
+    "FixedPeriodRefresh",
+    "ErrorBudgetRefresh",
+    "SceneCutRefresh",
+    "RefreshPolicy",
     "ResQConfig",
     "validate_bits",
 ]
@@ -230,6 +237,120 @@ class LineSearch:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
 
 
+def _check_real(value: Any, name: str, minimum: float = 0.0, strict: bool = False) -> float:
+    """A finite real number ``>= minimum`` (``> minimum`` when ``strict``), as ``float``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    low_ok = value > minimum if strict else value >= minimum
+    if not math.isfinite(value) or not low_ok:
+        bound = f"{'>' if strict else '>='} {minimum:g}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return value
+
+
+_POLICY_GRANULARITIES = ("pixel", "region", "frame")
+
+
+@dataclass(frozen=True)
+class ErrorBoundPolicy:
+    """Dynamic-ResQ policy settings (eq. 9-11); the math lives in :mod:`resq_brevitas.policy`.
+
+    For every residual "pixel" (spatial position; a token or sample for ``Linear`` layers) the
+    policy estimates each pool quantizer's output error with eq. 10 and picks the lowest bit width
+    whose next step up would reduce it by less than ``tau`` (eq. 11).
+
+    Attributes:
+        tau: Threshold of eq. 11 (>= 0). ``0`` keeps the highest bits wherever a step up does not
+            increase the error; a huge value selects the lowest bits everywhere. The paper uses
+            ``3e-4`` on HRNet; the scale depends on the model's activations and weights.
+        granularity: ``"pixel"`` (one decision per spatial position), ``"region"`` (``k x k``
+            blocks of the last two spatial dims, errors summed) or ``"frame"`` (one decision per
+            batch row, errors summed over all positions).
+        k: Block size of the ``region`` granularity (ignored otherwise).
+    """
+
+    tau: float = 3e-4
+    granularity: str = "pixel"
+    k: int = 4
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tau", _check_real(self.tau, "tau"))
+        if self.granularity not in _POLICY_GRANULARITIES:
+            raise ValueError(
+                f"granularity must be one of {_POLICY_GRANULARITIES}, got {self.granularity!r}"
+            )
+        if isinstance(self.k, bool) or not isinstance(self.k, int):
+            raise TypeError(f"k must be an int block size, got {type(self.k).__name__} {self.k!r}")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+
+
+@dataclass(frozen=True)
+class FixedPeriodRefresh:
+    """Keyframes every ``period`` frames only (the default; same as ``refresh=None``)."""
+
+
+@dataclass(frozen=True)
+class ErrorBudgetRefresh:
+    """RRM's accumulated-error control (RRM eq. 7-8), per stream.
+
+    Each stream accumulates the l2 norm of the residual entries truncated by ``threshold`` at every
+    ResQ layer since its last keyframe (RRM eq. 7). A polynomial without constant term,
+    ``H(e) = sum_k c_k e^k`` (RRM eq. 8), maps that sum to a predicted relative output error;
+    when the prediction exceeds ``budget`` the stream's next frame is a keyframe.
+
+    Attributes:
+        budget: Largest tolerated predicted relative output error (> 0), e.g. ``0.05``.
+        degree: Degree of the polynomial fitted by :func:`resq_brevitas.calibrate` (RRM: 4).
+        coefficients: ``(c_1, ..., c_d)``; ``None`` to fit them on the calibration clips.
+    """
+
+    budget: float = 0.05
+    degree: int = 4
+    coefficients: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "budget", _check_real(self.budget, "budget", strict=True))
+        if isinstance(self.degree, bool) or not isinstance(self.degree, int):
+            raise TypeError(
+                f"degree must be an int, got {type(self.degree).__name__} {self.degree!r}"
+            )
+        if not 1 <= self.degree <= 8:
+            raise ValueError(f"degree must be 1..8, got {self.degree}")
+        if self.coefficients is not None:
+            if isinstance(self.coefficients, (str, bytes)) or not isinstance(
+                    self.coefficients, Sequence) or not self.coefficients:
+                raise TypeError(
+                    "coefficients must be a non-empty sequence of numbers (c_1, ..., c_d) or "
+                    f"None, got {self.coefficients!r}"
+                )
+            coeffs = tuple(
+                _check_real(c, f"coefficients[{i}]", minimum=-math.inf)
+                for i, c in enumerate(self.coefficients)
+            )
+            object.__setattr__(self, "coefficients", coeffs)
+
+
+@dataclass(frozen=True)
+class SceneCutRefresh:
+    """Scene-cut guard: force a keyframe for a stream when, at the first ResQ layer of the frame,
+    ``||x - x_ref||^2 > fraction * ||x||^2``.
+
+    Attributes:
+        fraction: Share of the frame's energy the residual energy may reach (> 0).
+    """
+
+    fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fraction", _check_real(self.fraction, "fraction", strict=True))
+
+
+#: Any refresh policy accepted by :class:`ResQConfig`.
+RefreshPolicy = Union[FixedPeriodRefresh, ErrorBudgetRefresh, SceneCutRefresh]
+_REFRESH_TYPES = (FixedPeriodRefresh, ErrorBudgetRefresh, SceneCutRefresh)
+
 _REFERENCES = ("keyframe", "previous")
 _GRANULARITIES = ("tensor", "channel")
 
@@ -240,13 +361,20 @@ class ResQConfig:
 
     Attributes:
         scheme: ``"W8A8->W4A4"``-style notation or a :class:`Scheme`.
-        period: Keyframe period ``T`` (>= 1). Ignored (treated as 1) for frame quantization.
+        period: Keyframe period ``T`` (>= 1). Ignored (treated as 1) for frame quantization. With
+            an adaptive ``refresh`` it is the longest run between keyframes.
         weight_granularity: ``"tensor"`` or ``"channel"`` (per output channel) weight scales.
-        reference: ``"keyframe"`` (ResQ) or ``"previous"`` (RRM / sigma-delta).
-        policy: Dynamic residual precision policy, or ``None`` for static ResQ.
+        reference: ``"keyframe"`` (ResQ: residuals against the keyframe) or ``"previous"`` (RRM /
+            sigma-delta: the reference advances every frame, ``x_ref <- x_ref + q(delta)``).
+        policy: :class:`ErrorBoundPolicy` for a pool scheme (``W8A8->W8A{0,4,8}``), else ``None``.
         calibration: Activation range setter settings.
         fold_bn: Fold BatchNorm into the preceding conv where the graph allows it.
         strict: Raise on unsupported weight layers instead of warning.
+        threshold: RRM truncation ``eps`` (>= 0): residual entries with ``|delta| <= eps`` are
+            zeroed before quantization (``0``: nothing is truncated).
+        refresh: ``None`` (fixed period), a refresh policy (:class:`ErrorBudgetRefresh`,
+            :class:`SceneCutRefresh`, :class:`FixedPeriodRefresh`) or a tuple of them (a keyframe
+            is forced when any fires).
     """
 
     scheme: str | Scheme = "W8A8->W4A4"
@@ -257,6 +385,8 @@ class ResQConfig:
     calibration: LineSearch = field(default_factory=LineSearch)
     fold_bn: bool = True
     strict: bool = False
+    threshold: float = 0.0
+    refresh: Any = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheme", Scheme.parse(self.scheme))
@@ -273,27 +403,76 @@ class ResQConfig:
             )
         if self.reference not in _REFERENCES:
             raise ValueError(f"reference must be one of {_REFERENCES}, got {self.reference!r}")
-        if self.reference == "previous":
-            raise NotImplementedError(
-                "reference='previous' (RRM / sigma-delta) is not implemented yet; "
-                "use reference='keyframe'"
-            )
         if not isinstance(self.calibration, LineSearch):
             raise TypeError(
                 "calibration must be a resq_brevitas.LineSearch, "
                 f"got {type(self.calibration).__name__}"
             )
-        if self.scheme.is_dynamic and self.policy is None:
+        self._check_policy()
+        object.__setattr__(self, "threshold", _check_real(self.threshold, "threshold"))
+        if self.threshold > 0 and self.scheme.is_frame_quantization:
             raise ValueError(
-                f"scheme {self.scheme} has a pool of residual bit widths and needs a policy "
+                f"threshold truncates residuals, but scheme {self.scheme} has no residual path; "
+                f"got threshold={self.threshold}"
+            )
+        object.__setattr__(self, "refresh", self._normalized_refresh())
+
+    def _check_policy(self) -> None:
+        scheme: Scheme = self.scheme  # type: ignore[assignment]
+        if self.policy is not None and not isinstance(self.policy, ErrorBoundPolicy):
+            raise TypeError(
+                "policy must be a resq_brevitas.ErrorBoundPolicy or None, "
+                f"got {type(self.policy).__name__} {self.policy!r}"
+            )
+        if scheme.is_dynamic and self.policy is None:
+            raise ValueError(
+                f"scheme {scheme} has a pool of residual bit widths and needs a policy "
                 "(e.g. ErrorBoundPolicy); got policy=None"
             )
-        if self.policy is not None:
-            raise NotImplementedError(
-                "dynamic residual policies are not implemented yet; use policy=None"
+        if self.policy is not None and not scheme.is_dynamic:
+            raise ValueError(
+                "policy needs a scheme with a pool of residual bit widths "
+                f"(e.g. 'W8A8->W8A{{0,4,8}}'), got scheme {scheme} with policy={self.policy!r}"
             )
+
+    def _normalized_refresh(self) -> tuple[Any, ...] | None:
+        refresh = self.refresh
+        if refresh is None:
+            return None
+        items = tuple(refresh) if isinstance(refresh, (tuple, list)) else (refresh,)
+        for item in items:
+            if not isinstance(item, _REFRESH_TYPES):
+                raise TypeError(
+                    "refresh must be None, a refresh policy (ErrorBudgetRefresh, "
+                    "SceneCutRefresh, FixedPeriodRefresh) or a tuple of them, "
+                    f"got {type(item).__name__} {item!r}"
+                )
+        kinds = [type(item) for item in items]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"refresh must not repeat a policy type, got {items!r}")
+        adaptive = [item for item in items if not isinstance(item, FixedPeriodRefresh)]
+        if adaptive and self.scheme.is_frame_quantization:  # type: ignore[union-attr]
+            raise ValueError(
+                f"refresh needs residual frames, but scheme {self.scheme} makes every frame a "
+                f"keyframe; got refresh={self.refresh!r}"
+            )
+        if any(isinstance(item, ErrorBudgetRefresh) for item in items) and self.threshold <= 0:
+            raise ValueError(
+                "ErrorBudgetRefresh accumulates truncated residual energy and needs "
+                f"threshold > 0, got threshold={self.threshold}"
+            )
+        return items
 
     @property
     def effective_period(self) -> int:
         """The keyframe period actually used (1 under frame quantization)."""
         return 1 if self.scheme.is_frame_quantization else self.period
+
+    @property
+    def adaptive_refresh(self) -> tuple[Any, ...]:
+        """The refresh policies that can force keyframes (fixed-period entries dropped)."""
+        return tuple(r for r in (self.refresh or ()) if not isinstance(r, FixedPeriodRefresh))
+
+    def refresh_of(self, kind: type) -> Any:
+        """The refresh policy of type ``kind``, or ``None``."""
+        return next((r for r in (self.refresh or ()) if isinstance(r, kind)), None)

@@ -75,10 +75,15 @@ def resq_layer_kwargs(scheme: Scheme, weight_granularity: str) -> dict[str, Any]
         "has_residual": res is not None,
     }
     if res is not None:
-        if res.is_pool:
-            raise NotImplementedError("pools of residual quantizers need a dynamic policy")
         kwargs["residual_weight_quant"] = weight_quant(res.weight_bits, weight_granularity)
-        kwargs["residual_input_quant"] = act_quant(res.act_bits[0] if res.act_bits else None)
+        if res.is_pool:
+            # Dynamic-ResQ: one activation quantizer per pool bit width; the residual view
+            # itself gets no input quantizer (the policy quantizes per pixel).
+            assert res.act_bits is not None
+            kwargs["residual_input_quant"] = None
+            kwargs["residual_input_pool"] = tuple((b, act_quant(b)) for b in res.act_bits)
+        else:
+            kwargs["residual_input_quant"] = act_quant(res.act_bits[0] if res.act_bits else None)
     return kwargs
 
 

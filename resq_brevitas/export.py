@@ -22,12 +22,16 @@ not used because it requires ``onnxoptimizer``; the few passes it runs are done 
 here. The plugin's quantizers are Brevitas injectors with stock proxies, so Brevitas's stock
 handlers apply; 0-bit residual quantizers (which output zeros) are not exported as quantizers: the
 residual graph passes ``z_ref`` through for those layers. Export runs on a deep copy of the model,
-so handlers and export flags never touch ``qm`` and nothing global is patched.
+so handlers and export flags never touch ``qm``, and Brevitas is not patched. (The qonnx cleanup
+runs inside :func:`resq_brevitas.runtime.qonnx_ir_compat`, which lowers ``onnx.IR_VERSION`` for
+the duration of the cleanup only.)
 
 The graphs are built from :func:`resq_brevitas.fx.step_graphs` when ``qm.model`` is traceable by
-torch.fx, otherwise from eager step modules with the same semantics (see :func:`step_modules`).
-Shapes are static (those of ``example_frame``); all batch rows of one call share the keyframe
-phase.
+torch.fx (symbolically, or with the example frame's shapes), otherwise from eager step modules
+with the same semantics (see :func:`step_modules`). Shapes are static (those of
+``example_frame``); all batch rows of one call share the keyframe phase. Both reference modes
+and RRM truncation are exported; Dynamic-ResQ pools (a per-pixel choice at run time) and refresh
+policies (host-side keyframe decisions) are not.
 """
 
 from __future__ import annotations
@@ -42,10 +46,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from brevitas.proxy.quant_proxy import QuantProxyFromInjector
 from torch import Tensor, nn
 
-from resq_brevitas.fx import StateSpec, StepGraphs, state_specs, step_graphs, unroll
+from resq_brevitas.fx import (
+    ResidualMode,
+    StepGraphs,
+    quant_tensors_disabled,
+    state_specs,
+    step_graphs,
+    truncate_residual,
+    unroll,
+)
 from resq_brevitas.nn.layers import ResQLayerMixin
 from resq_brevitas.temporal.model import ResQModel
 
@@ -95,19 +106,43 @@ class _KeyframeSlot:
 
 
 class _ResidualSlot:
-    """Temporal slot of the eager residual step: ``z = q(x - x_ref) * q(w) + z_ref``."""
+    """Temporal slot of the eager residual step: ``z = q(x - x_ref) * q(w) + z_ref``.
+
+    Mirrors :func:`resq_brevitas.fx.step_graphs` (truncation, ``previous`` reference updates).
+    """
 
     def __init__(self, names: dict[int, str], refs: dict[str, tuple[Tensor, Tensor]],
-                 zero_residual: bool) -> None:
+                 mode: ResidualMode) -> None:
         self.names = names
         self.refs = refs
-        self.zero_residual = zero_residual
+        self.mode = mode
+        self.next_refs: dict[str, tuple[Tensor, Tensor]] = {}
 
     def forward(self, layer: ResQLayerMixin, x: Tensor, **kwargs: Any) -> Tensor:
-        x_ref, z_ref = self.refs[self.names[id(layer)]]
-        if self.zero_residual:
-            return z_ref.clone()  # a 0-bit residual is zero; clone: z_ref is also an output
-        return layer.residual_forward(x - x_ref, **kwargs) + z_ref
+        name = self.names[id(layer)]
+        x_ref, z_ref = self.refs[name]
+        mode = self.mode
+        q_delta = None
+        if mode.zero:
+            z = z_ref.clone()  # a 0-bit residual is zero; clone: z_ref is also an output
+        else:
+            delta = x - x_ref
+            if mode.threshold > 0:
+                delta = truncate_residual(delta, mode.threshold)
+            if mode.reference == "previous" and mode.error_feedback:
+                q_delta = layer.residual_quantize(delta)
+                z = layer.residual_apply(q_delta, **kwargs) + z_ref
+            else:
+                z = layer.residual_forward(delta, **kwargs) + z_ref
+        if mode.reference == "previous":
+            if not mode.error_feedback:
+                x_next = x.clone()
+            else:
+                x_next = x_ref if q_delta is None else x_ref + q_delta
+            self.next_refs[name] = (x_next, z.clone())
+        else:
+            self.next_refs[name] = (x_ref, z_ref)
+        return z
 
 
 @contextmanager
@@ -151,9 +186,9 @@ class EagerResidualStep(_EagerStep):
     """``residual(x, *state) -> (y, *state)`` for models torch.fx cannot trace."""
 
     def __init__(self, model: nn.Module, layers: list[str], all_layers: dict[str, nn.Module],
-                 zero_residual: bool) -> None:
+                 mode: ResidualMode) -> None:
         super().__init__(model, layers, all_layers)
-        self.zero_residual = zero_residual
+        self.mode = mode
 
     def forward(self, x: Tensor, *state: Tensor) -> tuple[Any, ...]:
         if len(state) != 2 * len(self.layer_names):
@@ -163,36 +198,33 @@ class EagerResidualStep(_EagerStep):
             )
         refs = {name: (state[2 * i], state[2 * i + 1])
                 for i, name in enumerate(self.layer_names)}
-        slot = _ResidualSlot(self._names(), refs, self.zero_residual)
+        slot = _ResidualSlot(self._names(), refs, self.mode)
         with _slots(self._layers, slot):
             y = self.model(x)
-        return (y, *state)
-
-
-def _zero_residual(qm: ResQModel) -> bool:
-    residual = qm.scheme.residual
-    return residual is not None and residual.act_bits == (0,)
+        return (y, *[t for name in self.layer_names for t in slot.next_refs[name]])
 
 
 def step_modules(qm: ResQModel, example_frame: Tensor | None = None) -> StepGraphs:
     """The keyframe/residual step modules of ``qm``, from torch.fx when possible.
 
-    When ``qm.model`` is traceable by torch.fx this is :func:`resq_brevitas.fx.step_graphs`
-    (GraphModules whose ResQ layers are leaves). Otherwise (data-dependent Python control flow,
-    e.g. a shape check in ``forward``) it returns eager modules with the same inputs, outputs and
-    state order, which ``torch.onnx.export`` and ``torch.export`` can still trace for a fixed
-    frame shape; they need ``example_frame`` to find which layers are called. Both share ``qm``'s
-    layers.
+    When ``qm.model`` is traceable by torch.fx (symbolically, or with the shapes of
+    ``example_frame`` when ``forward`` checks shapes) this is
+    :func:`resq_brevitas.fx.step_graphs` (GraphModules whose ResQ layers are leaves). Otherwise
+    (Python control flow on tensor *values*) it returns eager modules with the same inputs,
+    outputs and state order, which ``torch.onnx.export`` and ``torch.export`` can still trace for
+    a fixed frame shape; they need ``example_frame`` to find which layers are called. Both share
+    ``qm``'s layers.
 
     Args:
         qm: A ResQ model.
-        example_frame: ``[B, C, ...]``; needed only for models torch.fx cannot trace.
+        example_frame: ``[B, C, ...]``; needed only for models a plain symbolic trace fails on.
 
     Returns:
         A :class:`~resq_brevitas.fx.StepGraphs`.
     """
+    mode = ResidualMode.of(qm)
     try:
-        return step_graphs(qm)
+        return step_graphs(qm, example_frame)
     except RuntimeError as err:
         if example_frame is None:
             raise RuntimeError(
@@ -200,38 +232,21 @@ def step_modules(qm: ResQModel, example_frame: Tensor | None = None) -> StepGrap
             ) from err
     layers = dict(qm.resq_layers())
     slot = _KeyframeSlot({id(layer): name for name, layer in layers.items()})
-    with torch.no_grad(), _slots(layers, slot):
-        qm.model(example_frame)
+    try:
+        with torch.no_grad(), _slots(layers, slot):
+            qm.model(example_frame)
+    except Exception as err:  # the user's model rejected the frame
+        raise ValueError(
+            f"example_frame of shape {tuple(example_frame.shape)} does not run through the "
+            f"model: {err}"
+        ) from err
     called = [name for name in layers if name in slot.state]
     keyframe = EagerKeyframeStep(qm.model, called, layers)
     residual = None
     if qm.scheme.residual is not None:
-        residual = EagerResidualStep(qm.model, called, layers, _zero_residual(qm))
+        residual = EagerResidualStep(qm.model, called, layers, mode)
     return StepGraphs(keyframe=keyframe, residual=residual, state=state_specs(called),
                       layers=called)
-
-
-@contextmanager
-def quant_tensors_disabled(module: nn.Module) -> Iterator[nn.Module]:
-    """Make Brevitas proxies in ``module`` return plain tensors for the duration of the block.
-
-    ``torch.export`` cannot trace Brevitas ``QuantTensor`` dispatch (it guards on data), so
-    export the step modules inside this block::
-
-        with quant_tensors_disabled(steps.keyframe):
-            program = torch.export.export(steps.keyframe, (frame,))
-
-    The computed values are the same; previous settings are restored on exit.
-    """
-    proxies = [m for m in module.modules() if hasattr(m, "skip_create_quant_tensor")]
-    previous = [p.skip_create_quant_tensor for p in proxies]
-    try:
-        for proxy in proxies:
-            proxy.skip_create_quant_tensor = True
-        yield module
-    finally:
-        for proxy, value in zip(proxies, previous):
-            proxy.skip_create_quant_tensor = value
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,6 +260,7 @@ def _check_model(qm: Any) -> None:
             "qm must be calibrated before export (call resq.calibrate(qm, clips)); got an "
             "uncalibrated model whose activation ranges are placeholders"
         )
+    ResidualMode.of(qm)  # raises for pools of residual bit widths
 
 
 def _check_frame(qm: ResQModel, frame: Any) -> None:
@@ -372,6 +388,14 @@ def _tensor_entry(name: str, tensor: Tensor) -> dict[str, Any]:
         "torch.", "")}
 
 
+def _refresh_policies(qm: ResQModel) -> list[str]:
+    refresh = getattr(qm.config, "refresh", None)
+    if refresh is None:
+        return []
+    policies = refresh if isinstance(refresh, (tuple, list)) else (refresh,)
+    return [repr(p) for p in policies]
+
+
 def _recipe(period: int, has_residual: bool, n_state: int) -> list[str]:
     if not has_residual:
         return [
@@ -384,7 +408,8 @@ def _recipe(period: int, has_residual: bool, n_state: int) -> list[str]:
         f"Otherwise: outputs = residual.onnx.run({{'{FRAME_NAME}': frame, "
         "state[i].name: S[i] for each i}).",
         f"y = outputs[0] ('{OUTPUT_NAME}'); S = outputs[1:] ({n_state} tensors, in the order of "
-        "'state'); t += 1.",
+        "'state'; the residual graph returns the next references in the 'previous' reference "
+        "mode and its inputs unchanged in the 'keyframe' mode); t += 1.",
         "Start a new stream by resetting t to 0. All batch rows of a call share the phase.",
         "resq_brevitas.runtime.OnnxStream(out_dir) does exactly this with onnxruntime.",
     ]
@@ -453,6 +478,14 @@ def export(qm: ResQModel, example_frame: Tensor, out_dir: str | os.PathLike[str]
             _check_onnx(out / path)
 
     scheme = qm.scheme
+    mode = ResidualMode.of(qm)
+    refresh = _refresh_policies(qm)
+    if refresh:
+        warnings.warn(
+            f"refresh policies {refresh} decide keyframes from run-time statistics in the host "
+            "program; the exported graphs and OnnxStream use the fixed period only",
+            stacklevel=2,
+        )
     manifest: dict[str, Any] = {
         "manifest_version": MANIFEST_VERSION,
         "format": format,
@@ -465,6 +498,9 @@ def export(qm: ResQModel, example_frame: Tensor, out_dir: str | os.PathLike[str]
         "residual_precision": str(scheme.residual) if scheme.residual is not None else None,
         "period": qm.period,
         "reference": qm.config.reference,
+        "error_feedback": mode.error_feedback if mode.reference == "previous" else None,
+        "threshold": mode.threshold,
+        "refresh_not_exported": refresh,
         "graph_source": "torch.fx" if isinstance(key, torch.fx.GraphModule) else "eager",
         "files": files,
         "input": _tensor_entry(FRAME_NAME, frame),
@@ -509,8 +545,9 @@ def export_unrolled(float_model: nn.Module, period: int, example_frame: Tensor,
         raise ValueError(
             f"example_frame must be [B, C, ...], got shape {tuple(example_frame.shape)}"
         )
-    clip = example_frame.unsqueeze(1).repeat_interleave(period, dim=1) if isinstance(
-        period, int) and not isinstance(period, bool) and period >= 1 else example_frame
+    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+        raise ValueError(f"period must be an int >= 1, got {period!r}")
+    clip = example_frame.unsqueeze(1).repeat_interleave(period, dim=1)
     unrolled = unroll(float_model, period, clip)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -585,12 +622,3 @@ def export_artifacts(qm: ResQModel, float_model: nn.Module | None, example_frame
             export(qm, example_frame, target, format=fmt)
         written[fmt] = target
     return written
-
-
-def state_names(specs: Sequence[StateSpec]) -> list[str]:
-    """Tensor names of a state layout."""
-    return [spec.name for spec in specs]
-
-
-def _proxies(module: nn.Module) -> list[QuantProxyFromInjector]:
-    return [m for m in module.modules() if isinstance(m, QuantProxyFromInjector)]

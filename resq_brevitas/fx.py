@@ -10,20 +10,29 @@ Three things live here (design card, section 5):
   ``residual(x, *state) -> (y, *state)``. The state is each ResQ layer's reference input and
   output ``(x_ref, z_ref)``, layer by layer in :meth:`ResQModel.resq_layers` order, identical in
   the keyframe outputs, the residual inputs and the residual outputs. The frame counter stays in
-  the host program (see :class:`resq_brevitas.runtime.OnnxStream`).
+  the host program (see :class:`resq_brevitas.runtime.OnnxStream`). Both reference modes and RRM
+  truncation are graph ops (:class:`ResidualMode`); :func:`export_program` runs
+  ``torch.export`` on them.
 * :func:`unroll` turns a *float* model into a GraphModule that runs one clip of ``T`` frames (one
   keyframe and ``T - 1`` residual frames in a static loop). Residual call sites go through twin
   modules that share the weight ``Parameter``, so torch.ao ``prepare_qat_fx`` (with
   ``QConfigMapping.set_module_name``) or torchao ``prepare_qat_pt2e`` give keyframe and residual
   call sites their own fake-quants, e.g. 8-bit and 4-bit.
+
+Models whose ``forward`` checks input shapes (``if x.dim() != 4: raise``) defeat a plain symbolic
+trace; given an example input, :func:`trace_graph` retries with torch.fx's ``MetaTracer`` so the
+checks run on the example's shapes and the graph is specialised to them.
 """
 
 from __future__ import annotations
 
 import copy
 import operator
+import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import reduce
 from typing import Any
 
 import torch
@@ -36,16 +45,25 @@ from resq_brevitas.nn.layers import RESQ_LAYER_FOR, is_resq_layer
 
 __all__ = [
     "ResQTracer",
+    "export_program",
+    "quant_tensors_disabled",
     "StateSpec",
     "StepGraphs",
     "step_graphs",
     "symbolic_trace",
+    "trace_graph",
     "unroll",
     "RESIDUAL_PREFIX",
+    "RESIDUAL_QUANT_PREFIX",
+    "ResidualMode",
+    "ResidualQuantize",
+    "truncate_residual",
 ]
 
 #: Submodule under which :func:`unroll` registers the residual twins (``resq_residual.<name>``).
 RESIDUAL_PREFIX = "resq_residual"
+#: Where the residual step graph keeps its :class:`ResidualQuantize` helpers.
+RESIDUAL_QUANT_PREFIX = "resq_residual_quantize"
 
 
 class ResQTracer(fx.Tracer):
@@ -57,9 +75,88 @@ class ResQTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         """ResQ layers and Brevitas quant layers are leaves; otherwise the torch.fx default."""
-        if is_resq_layer(m) or isinstance(m, QuantLayerMixin):
+        if _is_resq_leaf(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+
+def _meta_tracer_class(leaf: Any) -> type[fx.Tracer]:
+    from torch.fx.experimental.meta_tracer import MetaTracer, proxys_to_metas
+
+    class _MetaTracer(MetaTracer):
+        # Never add modules to the user's model (MetaTracer would, for unregistered ones).
+        allow_insert_stateless_mods = False
+
+        def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+            if leaf(m):
+                return True
+            return super().is_leaf_module(m, module_qualified_name)
+
+        def create_proxy(self, kind: str, target: Any, args: tuple[Any, ...],
+                         kwargs: dict[str, Any], name: str | None = None,
+                         type_expr: Any = None, proxy_factory_fn: Any = None) -> fx.Proxy:
+            module = self.root.get_submodule(target) if kind == "call_module" else None
+            if module is None or not leaf(module):
+                return super().create_proxy(kind, target, args, kwargs, name, type_expr,
+                                            proxy_factory_fn)
+            # MetaTracer would run the leaf's forward, whose quantizer submodule calls trip
+            # torch.fx's module-scope checks; the shape comes from the bare linear op instead.
+            proxy = fx.Tracer.create_proxy(self, kind, target, args, kwargs, name, type_expr,
+                                           proxy_factory_fn)
+            if is_resq_layer(module):
+                self._disable_module_getattr = True  # real attributes, nothing recorded
+                try:
+                    x = proxys_to_metas(args[0])
+                    proxy.install_tensor_meta(module.linear_op(x, module.weight.to("meta")))
+                except Exception:  # no shape: later shape checks fail and are reported
+                    pass
+                finally:
+                    self._disable_module_getattr = False
+            return proxy
+
+    return _MetaTracer
+
+
+def _is_resq_leaf(m: nn.Module) -> bool:
+    return is_resq_layer(m) or isinstance(m, (QuantLayerMixin, ResidualQuantize))
+
+
+def trace_graph(root: nn.Module, example: Tensor | None = None, resq_leaves: bool = True
+                ) -> fx.Graph:
+    """Trace ``root.forward(x)`` into a graph, with shape-aware tracing as a fallback.
+
+    A plain symbolic trace is tried first (:class:`ResQTracer`, or ``torch.fx.Tracer`` with
+    ``resq_leaves=False``). If it fails and ``example`` is given, the trace is retried with
+    torch.fx's ``MetaTracer``, whose proxies carry the shapes of ``example`` (on the meta device),
+    so Python checks on shapes (``if x.dim() != 4: raise ...``) run concretely and the graph is
+    specialised to that input shape.
+
+    Raises:
+        RuntimeError: If neither trace succeeds (the message says why).
+    """
+    tracer: fx.Tracer = ResQTracer() if resq_leaves else fx.Tracer()
+    try:
+        return tracer.trace(root)
+    except Exception as err:  # tracing arbitrary user code can fail in many ways
+        first = err
+    if example is not None:
+        import inspect
+
+        params = list(inspect.signature(root.forward).parameters)
+        if params:
+            meta = torch.empty(example.shape, dtype=example.dtype, device="meta")
+            leaf = _is_resq_leaf if resq_leaves else (lambda m: False)
+            try:
+                with warnings.catch_warnings():
+                    # MetaTracer warns for every op whose shape it cannot propagate; the graph
+                    # does not depend on those shapes.
+                    warnings.filterwarnings("ignore", message="Could not compute metadata")
+                    return _meta_tracer_class(leaf)().trace(root, {params[0]: meta})
+            except Exception:  # the plain tracer's message is the more useful one
+                pass
+    raise RuntimeError(
+        f"{type(root).__name__} could not be traced by torch.fx: {first}"
+    ) from first
 
 
 def symbolic_trace(root: nn.Module, concrete_args: dict[str, Any] | None = None
@@ -161,19 +258,88 @@ def _resq_call_sites(graph: fx.Graph, layer_names: set[str]) -> dict[str, fx.Nod
     return sites
 
 
-def step_graphs(qm: Any) -> StepGraphs:
+@dataclass(frozen=True)
+class ResidualMode:
+    """How the residual step computes each layer (from the ResQ model's configuration).
+
+    Attributes:
+        reference: ``"keyframe"`` (state passes through) or ``"previous"`` (RRM / sigma-delta:
+            ``x_ref <- x_ref + q(delta)`` with error feedback, else ``x_ref <- x_t``;
+            ``z_ref <- z_t``).
+        error_feedback: The ``previous`` mode's update rule (see above).
+        threshold: RRM truncation ``eps``: residual entries with ``|delta| <= eps`` become 0.
+        zero: The residual activations are 0-bit: every residual contribution is zero.
+    """
+
+    reference: str = "keyframe"
+    error_feedback: bool = True
+    threshold: float = 0.0
+    zero: bool = False
+
+    @classmethod
+    def of(cls, qm: Any) -> ResidualMode:
+        """The mode of a ResQ model.
+
+        Raises:
+            ValueError: For a pool of residual bit widths (Dynamic-ResQ): its per-pixel choice
+                is not part of the step graphs.
+        """
+        residual = qm.scheme.residual
+        if residual is not None and residual.is_pool:
+            raise ValueError(
+                f"step graphs need a static residual precision; scheme {qm.scheme} has a pool "
+                "whose bit width the Dynamic-ResQ policy picks per pixel at run time"
+            )
+        return cls(
+            reference=qm.config.reference,
+            error_feedback=bool(getattr(qm, "error_feedback", True)),
+            threshold=float(getattr(qm.config, "threshold", 0.0) or 0.0),
+            zero=residual is not None and residual.act_bits == (0,),
+        )
+
+
+class ResidualQuantize(nn.Module):
+    """``q_Theta_a(delta)`` of a ResQ layer's static residual path, as a plain tensor.
+
+    A leaf of :class:`ResQTracer`; the ``previous`` reference mode needs the quantized residual
+    itself (error feedback ``x_ref + q(delta)``). Feeding ``q(delta)`` to the residual view
+    quantizes it again, which is exact (its values already lie on the grid).
+
+    Args:
+        layer: The ResQ layer (not registered as a child: only its quantizer is).
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.quant = layer.residual.input_quant
+
+    def forward(self, delta: Tensor) -> Tensor:
+        out = self.quant(delta)
+        return getattr(out, "value", out)
+
+
+def truncate_residual(delta: Tensor, threshold: float) -> Tensor:
+    """RRM truncation: entries with ``|delta| <= threshold`` become 0 (the rest pass)."""
+    return delta.masked_fill(delta.abs() <= threshold, 0.0)
+
+
+def step_graphs(qm: Any, example_frame: Tensor | None = None) -> StepGraphs:
     """Derive the keyframe and residual step graphs of a ResQ model.
 
     The graphs share the ResQ model's layers (no copy): the keyframe graph calls each ResQ layer
     (its keyframe path, ``z = q_Phi_a(x) * q_Phi_w(w) + b``), the residual graph calls the
-    layer's residual view on ``x - x_ref`` and adds ``z_ref`` (eq. 4-5). In the ``keyframe``
-    reference mode the residual graph returns its state unchanged. A layer that the model never
-    calls carries no state. If the model writes in place after a ResQ layer (e.g.
-    ``ReLU(inplace=True)``), the keyframe graph clones the state tensors before they can be
-    overwritten.
+    layer's residual view on ``x - x_ref`` and adds ``z_ref`` (eq. 4-5), with RRM truncation
+    first when the model has a threshold. In the ``keyframe`` reference mode the residual graph
+    returns its state unchanged; in the ``previous`` mode it returns the advanced references
+    (see :class:`ResidualMode`). A layer that the model never calls carries no state. If the
+    model writes in place after a ResQ layer (e.g. ``ReLU(inplace=True)``), the graphs clone the
+    state tensors before they can be overwritten.
 
     Args:
         qm: A :class:`~resq_brevitas.ResQModel`.
+        example_frame: Optional ``[B, C, ...]`` frame: if a plain symbolic trace fails (Python
+            checks on shapes in ``forward``), the model is traced again with that frame's shape
+            (see :func:`trace_graph`) and the graphs are specialised to it.
 
     Returns:
         The two GraphModules and the state layout.
@@ -182,41 +348,55 @@ def step_graphs(qm: Any) -> StepGraphs:
         TypeError: If ``qm`` is not a ResQModel.
         RuntimeError: If ``qm.model`` cannot be traced by torch.fx (data-dependent Python control
             flow); the message says why.
-        ValueError: If a ResQ layer is called more than once or with several inputs.
+        ValueError: If a ResQ layer is called more than once or with several inputs, or the
+            scheme has a pool of residual bit widths.
     """
     from resq_brevitas.temporal.model import ResQModel
 
     if not isinstance(qm, ResQModel):
         raise TypeError(f"qm must be a ResQModel (from resq.convert), got {type(qm).__name__}")
-    try:
-        source = ResQTracer().trace(qm.model)
-    except Exception as err:  # tracing arbitrary user code can fail in many ways
-        raise RuntimeError(
-            f"qm.model ({type(qm.model).__name__}) could not be traced by torch.fx: {err}"
-        ) from err
+    mode = ResidualMode.of(qm)
+    source = trace_graph(qm.model, example_frame)
     order = [name for name, _ in qm.resq_layers()]
     sites = _resq_call_sites(source, set(order))
     layers = [name for name in order if name in sites]
+    all_layers = dict(qm.resq_layers())
     modules = dict(qm.model.named_modules())
     clone_state = bool(_inplace_ops(source, modules))
     keyframe = _keyframe_graph(source, layers, clone_state)
-    residual = None
-    if qm.scheme.residual is not None:
-        residual_bits = qm.scheme.residual.act_bits
-        zero_residual = residual_bits is not None and residual_bits == (0,)
-        residual = _residual_graph(source, layers, zero_residual)
     residual_module = None
-    if residual is not None:
-        residual_module = fx.GraphModule(qm.model, residual, "ResQResidualStep")
+    if qm.scheme.residual is not None:
+        helpers: dict[str, nn.Module] = {}
+        residual = _residual_graph(source, layers, mode, clone_state, all_layers, helpers)
+        residual_module = fx.GraphModule(_graph_root(qm.model, residual, helpers), residual,
+                                         "ResQResidualStep")
         # Work that only fed skipped layers (0-bit residuals) is dead.
         residual_module.graph.eliminate_dead_code()
         residual_module.recompile()
     return StepGraphs(
-        keyframe=fx.GraphModule(qm.model, keyframe, "ResQKeyframeStep"),
+        keyframe=fx.GraphModule(_graph_root(qm.model, keyframe, {}), keyframe,
+                                "ResQKeyframeStep"),
         residual=residual_module,
         state=state_specs(layers),
         layers=layers,
     )
+
+
+def _graph_root(model: nn.Module, graph: fx.Graph, helpers: dict[str, nn.Module]
+                ) -> dict[str, Any]:
+    """The objects a graph's ``call_module``/``get_attr`` targets name (a GraphModule root).
+
+    A dict root (rather than ``model``) lets helper modules live at their own paths without
+    ever being attached to the user's model.
+    """
+    root: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr") and node.target not in root:
+            if node.target in helpers:
+                root[node.target] = helpers[node.target]
+            else:
+                root[node.target] = reduce(getattr, node.target.split("."), model)
+    return root
 
 
 def _output_value(graph: fx.Graph) -> Any:
@@ -251,17 +431,23 @@ def _keyframe_graph(source: fx.Graph, layers: list[str], clone_state: bool) -> f
     return graph
 
 
-def _residual_graph(source: fx.Graph, layers: list[str], zero_residual: bool) -> fx.Graph:
+def _residual_graph(source: fx.Graph, layers: list[str], mode: ResidualMode, clone_state: bool,
+                    all_layers: dict[str, nn.Module], helpers: dict[str, nn.Module]) -> fx.Graph:
     graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
+    env: dict[fx.Node, Any] = {}
     refs: dict[str, tuple[fx.Node, fx.Node]] = {}
+    new_refs: dict[str, tuple[fx.Node, fx.Node]] = {}
     frame_seen = False
     wanted = set(layers)
+
+    def lookup(n: fx.Node) -> Any:
+        return env[n]
+
     for node in source.nodes:
         if node.op == "placeholder":
             if frame_seen:
                 raise ValueError("qm.model must take exactly one input (the frame)")
-            env[node] = graph.node_copy(node, lambda n: env[n])
+            env[node] = graph.node_copy(node, lookup)
             frame_seen = True
             for i, layer in enumerate(layers):
                 refs[layer] = (graph.placeholder(f"x_ref_{i}"), graph.placeholder(f"z_ref_{i}"))
@@ -269,20 +455,45 @@ def _residual_graph(source: fx.Graph, layers: list[str], zero_residual: bool) ->
         if node.op == "output":
             continue
         if node.op == "call_module" and node.target in wanted:
-            x_ref, z_ref = refs[node.target]
-            if zero_residual:
+            name = node.target
+            x, (x_ref, z_ref) = env[node.args[0]], refs[name]
+            if mode.zero:
                 # A 0-bit residual quantizer outputs zeros and the residual path has no bias.
-                env[node] = z_ref
-                continue
-            delta = graph.call_function(operator.sub, (env[node.args[0]], x_ref))
-            kwargs = fx.map_arg(node.kwargs, lambda n: env[n])
-            r = graph.call_module(f"{node.target}.residual", (delta,), kwargs)
-            env[node] = graph.call_function(operator.add, (r, z_ref))
+                # Clone: z_ref is also a graph output that a later in-place op must not touch.
+                z = graph.call_function(torch.clone, (z_ref,)) if clone_state else z_ref
+                q_delta = None
+            else:
+                delta = graph.call_function(operator.sub, (x, x_ref))
+                if mode.threshold > 0:
+                    delta = graph.call_function(truncate_residual, (delta, mode.threshold))
+                kwargs = fx.map_arg(node.kwargs, lookup)
+                q_delta = None
+                if mode.reference == "previous" and mode.error_feedback:
+                    target = f"{RESIDUAL_QUANT_PREFIX}.{name}"
+                    helpers[target] = ResidualQuantize(all_layers[name])
+                    q_delta = graph.call_module(target, (delta,))
+                    delta = q_delta
+                r = graph.call_module(f"{name}.residual", (delta,), kwargs)
+                z = graph.call_function(operator.add, (r, z_ref))
+            env[node] = z
+            if mode.reference == "previous":
+                if not mode.error_feedback:
+                    x_next = x
+                elif q_delta is None:
+                    x_next = x_ref  # a zero residual adds nothing
+                else:
+                    x_next = graph.call_function(operator.add, (x_ref, q_delta))
+                if clone_state:
+                    x_next = graph.call_function(torch.clone, (x_next,))
+                    z = graph.call_function(torch.clone, (z,))
+                new_refs[name] = (x_next, z)
+            else:
+                new_refs[name] = (x_ref, z_ref)
             continue
-        env[node] = graph.node_copy(node, lambda n: env[n])
-    outputs = [fx.map_arg(_output_value(source), lambda n: env[n])]
+        env[node] = graph.node_copy(node, lookup)
+    outputs = [fx.map_arg(_output_value(source), lookup)]
     for layer in layers:
-        outputs.extend(refs[layer])
+        outputs.extend(new_refs[layer])
     graph.output(tuple(outputs))
     graph.lint()
     return graph
@@ -387,11 +598,9 @@ def unroll(model: nn.Module, period: int, example: Tensor, *, fold_bn: bool = Tr
         if getattr(module, "inplace", False) is True:
             module.inplace = False
     try:
-        source = fx.Tracer().trace(net)
-    except Exception as err:  # tracing arbitrary user code can fail in many ways
-        raise ValueError(
-            f"model ({type(model).__name__}) could not be traced by torch.fx: {err}"
-        ) from err
+        source = trace_graph(net, example[:, 0], resq_leaves=False)
+    except RuntimeError as err:
+        raise ValueError(str(err)) from err
     for node in source.nodes:
         _functional_inplace(node)
     modules = dict(net.named_modules())
@@ -421,23 +630,7 @@ def unroll(model: nn.Module, period: int, example: Tensor, *, fold_bn: bool = Tr
     outputs = []
     for t in range(period):
         frame = graph.call_function(operator.getitem, (video, (slice(None), t)))
-        env: dict[fx.Node, fx.Node] = {placeholders[0]: frame}
-        for node in source.nodes:
-            if node.op == "placeholder":
-                continue
-            if node.op == "output":
-                outputs.append(fx.map_arg(node.args[0], lambda n: env[n]))
-                continue
-            if t > 0 and node.op == "call_module" and node.target in twins:
-                x0, z0 = refs[node.target]
-                delta = graph.call_function(operator.sub, (env[node.args[0]], x0))
-                kwargs = fx.map_arg(node.kwargs, lambda n: env[n])
-                r = graph.call_module(twins[node.target], (delta,), kwargs)
-                env[node] = graph.call_function(operator.add, (r, z0))
-                continue
-            env[node] = graph.node_copy(node, lambda n: env[n])
-            if t == 0 and node.op == "call_module" and node.target in twins:
-                refs[node.target] = (env[node.args[0]], env[node])
+        outputs.append(_copy_frame(graph, source, {placeholders[0]: frame}, twins, refs, t))
     graph.output(_stack_nodes(graph, outputs))
     graph.lint()
     unrolled = fx.GraphModule(net, graph, f"Unrolled{type(model).__name__}")
@@ -452,6 +645,33 @@ def unroll(model: nn.Module, period: int, example: Tensor, *, fold_bn: bool = Tr
     finally:
         unrolled.train(was_training)
     return unrolled
+
+
+def _copy_frame(graph: fx.Graph, source: fx.Graph, env: dict[fx.Node, Any],
+                twins: dict[str, str], refs: dict[str, tuple[fx.Node, fx.Node]], t: int) -> Any:
+    """Append frame ``t`` of an unrolled clip to ``graph``; returns the frame's output value.
+
+    Frame 0 records each layer's ``(x_0, z_0)`` in ``refs``; later frames call the twins.
+    """
+    def lookup(n: fx.Node) -> Any:
+        return env[n]
+
+    for node in source.nodes:
+        if node.op == "placeholder":
+            continue
+        if node.op == "output":
+            return fx.map_arg(node.args[0], lookup)
+        if t > 0 and node.op == "call_module" and node.target in twins:
+            x0, z0 = refs[node.target]
+            delta = graph.call_function(operator.sub, (env[node.args[0]], x0))
+            kwargs = fx.map_arg(node.kwargs, lookup)
+            r = graph.call_module(twins[node.target], (delta,), kwargs)
+            env[node] = graph.call_function(operator.add, (r, z0))
+            continue
+        env[node] = graph.node_copy(node, lookup)
+        if t == 0 and node.op == "call_module" and node.target in twins:
+            refs[node.target] = (env[node.args[0]], env[node])
+    raise ValueError("graph has no output node")
 
 
 def _stack_nodes(graph: fx.Graph, outputs: list[Any]) -> Any:
@@ -473,9 +693,34 @@ def _stack_nodes(graph: fx.Graph, outputs: list[Any]) -> Any:
     return tree_unflatten(leaves, spec)
 
 
-def iter_call_modules(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, nn.Module]]:
-    """``(node, module)`` for every ``call_module`` node of ``gm``."""
-    modules = dict(gm.named_modules())
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            yield node, modules[node.target]
+@contextmanager
+def quant_tensors_disabled(module: nn.Module) -> Iterator[nn.Module]:
+    """Make Brevitas proxies in ``module`` return plain tensors for the duration of the block.
+
+    ``torch.export`` cannot trace Brevitas ``QuantTensor`` dispatch (it guards on data), so step
+    graphs are exported inside this block (:func:`export_program` does it). The computed values
+    are the same; previous settings are restored on exit.
+    """
+    proxies = [m for m in module.modules() if hasattr(m, "skip_create_quant_tensor")]
+    previous = [p.skip_create_quant_tensor for p in proxies]
+    try:
+        for proxy in proxies:
+            proxy.skip_create_quant_tensor = True
+        yield module
+    finally:
+        for proxy, value in zip(proxies, previous):
+            proxy.skip_create_quant_tensor = value
+
+
+def export_program(module: nn.Module, args: tuple[Any, ...]) -> torch.export.ExportedProgram:
+    """``torch.export.export`` a step graph (or any module with Brevitas layers).
+
+    Args:
+        module: E.g. ``step_graphs(qm).keyframe`` or ``.residual``.
+        args: Example inputs, e.g. ``(frame,)`` or ``(frame, *state)``.
+
+    Returns:
+        The ExportedProgram; ``program.module()`` computes what ``module`` computes.
+    """
+    with quant_tensors_disabled(module):
+        return torch.export.export(module, tuple(args))

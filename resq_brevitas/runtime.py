@@ -12,6 +12,11 @@ call to the next, a keyframe every ``period`` frames::
 ``backend="onnxruntime"`` (default) runs both graphs with onnxruntime (QCDQ graphs);
 ``backend="qonnx"`` runs them node by node with ``qonnx.core.onnx_exec.execute_onnx`` (QONNX
 graphs with ``Quant`` nodes, as FINN's reference execution does).
+
+onnxruntime's ``extended``/``all`` graph optimizations fuse ``DequantizeLinear -> Conv ->
+QuantizeLinear`` into integer kernels (QLinearConv) that requantize in one step; their rounding can
+differ from the float graph by an output LSB now and then. ``optimization="basic"`` keeps the
+graph as exported and reproduces the PyTorch model to float rounding.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 __all__ = ["OnnxStream", "qonnx_ir_compat"]
 
 _BACKENDS = ("onnxruntime", "qonnx")
+_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
 
 
 @contextmanager
@@ -65,16 +71,23 @@ class OnnxStream:
             ``manifest.json``).
         backend: ``"onnxruntime"`` or ``"qonnx"`` (``execute_onnx``, for QONNX graphs).
         providers: onnxruntime execution providers (default: CPU).
+        optimization: onnxruntime graph optimization level: ``"disable"``, ``"basic"``,
+            ``"extended"`` or ``"all"`` (onnxruntime's default).
 
     Raises:
         FileNotFoundError: If the manifest or a graph file is missing.
-        ValueError: If ``backend`` is unknown or the manifest is malformed.
+        ValueError: If ``backend`` or ``optimization`` is unknown or the manifest is malformed.
     """
 
     def __init__(self, out_dir: str | os.PathLike[str], backend: str = "onnxruntime",
-                 providers: list[str] | None = None) -> None:
+                 providers: list[str] | None = None, optimization: str = "all") -> None:
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if optimization not in _OPTIMIZATIONS:
+            raise ValueError(
+                f"optimization must be one of {_OPTIMIZATIONS}, got {optimization!r}"
+            )
+        self.optimization = optimization
         self.out_dir = Path(out_dir)
         manifest_path = self.out_dir / "manifest.json"
         if not manifest_path.is_file():
@@ -99,7 +112,13 @@ class OnnxStream:
         if self.backend == "onnxruntime":
             import onnxruntime as ort
 
-            session = ort.InferenceSession(str(path),
+            levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                      "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                      "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                      "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+            options = ort.SessionOptions()
+            options.graph_optimization_level = levels[self.optimization]
+            session = ort.InferenceSession(str(path), options,
                                            providers=providers or ["CPUExecutionProvider"])
             return lambda feeds: session.run(None, feeds)
         from qonnx.core.modelwrapper import ModelWrapper

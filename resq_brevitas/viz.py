@@ -1,13 +1,22 @@
-"""Plots (matplotlib is an optional extra: ``pip install resq-brevitas[plot]``)."""
+"""Plots (matplotlib is an optional extra: ``pip install resq-brevitas[plot]``).
+
+- :func:`plot_accuracy_vs_bops`: accuracy-vs-BOPs curves of frame quantization, ResQ, Dynamic-ResQ
+  (a curve over ``tau``) and RRM (a curve over the threshold, at zero-skipping BOPs);
+- :func:`plot_bit_maps`: the paper's Fig. 6, Dynamic-ResQ's per-pixel bits per layer over a clip;
+- :func:`plot_layer_statistics`: the paper's Fig. 2, variance and quantization error of frames vs
+  residuals per layer (data from :func:`resq_brevitas.evaluation.layer_statistics`).
+
+Figures are built without pyplot (no global figure state).
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["new_figure", "plot_accuracy_vs_bops"]
+__all__ = ["new_figure", "plot_accuracy_vs_bops", "plot_bit_maps", "plot_layer_statistics"]
 
 
 def new_figure(figsize: tuple[float, float]) -> Any:
@@ -19,13 +28,43 @@ def new_figure(figsize: tuple[float, float]) -> Any:
     return Figure(figsize=figsize)
 
 
+def _family(r: Any) -> str:
+    if r.method == "frame":
+        return "frame quantization"
+    if r.method == "dynamic":
+        return f"Dynamic-ResQ {r.scheme} T={r.period}"
+    if r.method == "rrm":
+        return f"RRM {r.scheme} T<={r.period} (zero-skipping BOPs)"
+    return f"{r.method}: {r.scheme}"
+
+
+def _x_bops(r: Any) -> float:
+    sparse = getattr(r, "sparse_bops", math.nan)
+    return sparse if r.method == "rrm" and not math.isnan(sparse) else r.mean_bops
+
+
+def _point_label(r: Any) -> str:
+    if r.method == "frame":
+        return r.scheme
+    if r.method == "dynamic":
+        return f"tau={getattr(r, 'tau', math.nan):.2g}"
+    if r.method == "rrm":
+        eps = getattr(r, "threshold", math.nan)
+        return "eps=0" if math.isnan(eps) else f"eps={eps:.2g}"
+    return f"T={r.period}"
+
+
 def plot_accuracy_vs_bops(rows: Sequence[Any], path: str | Path, metric: str = "miou_gt",
                           title: str = "Accuracy vs. BOPs") -> Path:
-    """Accuracy-vs-BOPs curves, one per method/scheme family (frame quantization, each ResQ scheme).
+    """Accuracy-vs-BOPs curves, one per method/scheme family.
+
+    Families: frame quantization (one point per scheme), each ResQ scheme (points over ``T``),
+    each Dynamic-ResQ scheme and period (points over ``tau``) and each RRM scheme (points over
+    the threshold; x is the BOPs of zero-skipping execution, ``sparse_bops``).
 
     Args:
         rows: ``EvalRow``-like objects with ``method``, ``scheme``, ``period``, ``mean_bops`` and
-            the ``metric`` attribute.
+            the ``metric`` attribute (``tau``, ``threshold``, ``sparse_bops`` where relevant).
         path: Output image path (PNG).
         metric: Row attribute to plot on the y axis (falls back to ``miou_float``, then
             ``sqnr_db`` if all values are NaN).
@@ -41,26 +80,154 @@ def plot_accuracy_vs_bops(rows: Sequence[Any], path: str | Path, metric: str = "
             break
     families: dict[str, list[Any]] = {}
     for r in rows:
-        key = "frame quantization" if r.method == "frame" else f"{r.method}: {r.scheme}"
-        families.setdefault(key, []).append(r)
-    fig = new_figure((6.4, 4.4))
+        families.setdefault(_family(r), []).append(r)
+    fig = new_figure((7.2, 4.8))
     ax = fig.subplots()
     for name, members in families.items():
-        members = sorted(members, key=lambda r: r.mean_bops)
-        xs = [r.mean_bops / 1e9 for r in members]
+        members = sorted(members, key=_x_bops)
+        xs = [_x_bops(r) / 1e9 for r in members]
         ys = [getattr(r, metric) * (100 if metric.startswith("miou") else 1) for r in members]
-        ax.plot(xs, ys, marker="o", label=name)
+        style = {"frame": "o-", "resq": "s-", "dynamic": "^-", "rrm": "D--"}.get(
+            members[0].method, "o-")
+        ax.plot(xs, ys, style, label=name, markersize=5)
         for r, x, y in zip(members, xs, ys):
-            text = r.scheme if r.method == "frame" else f"T={r.period}"
-            ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.annotate(_point_label(r), (x, y), textcoords="offset points", xytext=(4, 4),
+                        fontsize=6)
     ax.set_xlabel("GBOPs per frame")
     ax.set_ylabel({"miou_gt": "mIoU vs ground truth (%)", "miou_float": "mIoU vs float (%)",
                    "sqnr_db": "output SQNR (dB)"}.get(metric, metric))
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
+
+
+def plot_bit_maps(bit_maps: Mapping[str, Any], path: str | Path, video: Any = None,
+                  layers: Sequence[str] | None = None, frames: Sequence[int] | None = None,
+                  row: int = 0, title: str = "Dynamic-ResQ policy: bits per pixel") -> Path:
+    """The paper's Fig. 6: the bits the policy chose for every input pixel, per layer and frame.
+
+    Args:
+        bit_maps: ``name -> [B, T, *S]`` bits, as in ``ResQModel.last_bit_maps``. Layers whose
+            maps are not 2-D images (``S`` of another length: Linear, Conv1d) are skipped.
+        path: Output image path (PNG).
+        video: Optional clip ``[T, C, H, W]`` (or ``[B, T, ...]``, row ``row``) drawn as the
+            first row.
+        layers: Layers to draw, in order (default: every layer with 2-D maps).
+        frames: Frame indices to draw (default: all).
+        row: Batch row (stream) to draw.
+        title: Figure title.
+
+    Returns:
+        The written path.
+
+    Raises:
+        ValueError: If no layer has a 2-D bit map.
+    """
+    import torch
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+
+    maps = {}
+    for name, m in bit_maps.items():
+        m = torch.as_tensor(m)
+        if m.dim() == 4:
+            maps[name] = m[row]
+    names = [n for n in (layers or list(maps)) if n in maps]
+    if not names:
+        raise ValueError("bit_maps holds no 2-D (image) bit map to draw")
+    steps = maps[names[0]].shape[0]
+    frames = list(range(steps)) if frames is None else list(frames)
+    values = sorted({int(v) for n in names for v in maps[n][frames].unique().tolist()})
+    # Discrete colours from dark blue (fewest bits) to yellow (most), as in the paper.
+    palette = ["#26185f", "#3b6fb6", "#5ec7d9", "#9be06b", "#f6e51b"]
+    colors = [palette[int(i * (len(palette) - 1) / max(1, len(values) - 1) + 0.5)]
+              for i in range(len(values))]
+    cmap = ListedColormap(colors)
+    bounds = [v - 0.5 for v in values] + [values[-1] + 0.5]
+    norm = BoundaryNorm(bounds, cmap.N)
+    clip = None
+    if video is not None:
+        clip = torch.as_tensor(video).detach().float()
+        if clip.dim() == 5:
+            clip = clip[row]
+    n_rows = len(names) + (clip is not None)
+    fig = new_figure((1.6 * len(frames) + 1.2, 1.5 * n_rows + 0.6))
+    axes = fig.subplots(n_rows, len(frames), squeeze=False)
+    row = 0
+    if clip is not None:
+        for col, t in enumerate(frames):
+            img = clip[t, :3].permute(1, 2, 0)
+            img = (img - img.min()) / (img.max() - img.min()).clamp_min(1e-12)
+            ax = axes[0][col]
+            ax.imshow(img.squeeze(-1).numpy() if img.shape[-1] == 1 else img.numpy())
+            ax.set_title(f"t={t}", fontsize=7)
+        axes[0][0].set_ylabel("frame", fontsize=7)
+        row = 1
+    image = None
+    for name in names:
+        for col, t in enumerate(frames):
+            ax = axes[row][col]
+            image = ax.imshow(maps[name][t].numpy(), cmap=cmap, norm=norm,
+                              interpolation="nearest")
+            if row == 0:
+                ax.set_title(f"t={t}", fontsize=7)
+        axes[row][0].set_ylabel(name, fontsize=6)
+        row += 1
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if image is not None:
+        bar = fig.colorbar(image, ax=axes.ravel().tolist(), ticks=values, shrink=0.5,
+                           fraction=0.04)
+        bar.set_label("activation bits", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_layer_statistics(stats: Sequence[Any], path: str | Path, bits: int | None = None,
+                          title: str = "Residuals vs. frames") -> Path:
+    """The paper's Fig. 2: per-layer variance (top) and quantization error (bottom) of frames
+    and residuals.
+
+    Args:
+        stats: ``LayerStatistics``-like objects (``name``, ``frame_var``, ``residual_var``,
+            ``frame_qerr``, ``residual_qerr``).
+        path: Output image path (PNG).
+        bits: Bit width the errors were measured at (for the label).
+        title: Figure title.
+
+    Returns:
+        The written path.
+    """
+    if not stats:
+        raise ValueError("stats must hold at least one layer")
+    fig = new_figure((max(6.0, 0.55 * len(stats) + 2), 5.2))
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    xs = list(range(len(stats)))
+    width = 0.4
+    for ax, (frame_attr, res_attr, label) in (
+        (top, ("frame_var", "residual_var", "variance")),
+        (bottom, ("frame_qerr", "residual_qerr",
+                  f"quantization MSE{f' ({bits}-bit)' if bits else ''}")),
+    ):
+        ax.bar([x - width / 2 for x in xs], [getattr(s, frame_attr) for s in stats], width,
+               label="frames", color="#3b6fb6")
+        ax.bar([x + width / 2 for x in xs], [getattr(s, res_attr) for s in stats], width,
+               label="residuals", color="#f6a51b")
+        ax.set_yscale("log")
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    bottom.set_xticks(xs)
+    bottom.set_xticklabels([s.name for s in stats], rotation=60, ha="right", fontsize=6)
+    top.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)

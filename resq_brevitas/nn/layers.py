@@ -6,6 +6,11 @@ residual quantizers and without bias, whose ``weight`` is the very same ``Parame
 from both paths sum into one tensor, ``state_dict`` stores the weight once, and the tie is restored
 after ``load_state_dict`` (also with ``assign=True``).
 
+For Dynamic-ResQ (a pool of residual activation bit widths, ``W8A8->W8A{0,4,8}``) the residual
+view has no input quantizer; ``residual_pool`` holds one Brevitas activation quantizer per pool bit
+width (``qnn.QuantIdentity``, calibrated like the static one), and the policy of
+:mod:`resq_brevitas.policy.error_bound` mixes their outputs per pixel before the residual view runs.
+
 The layer itself knows nothing about time: when a temporal state is attached (by
 :class:`resq_brevitas.temporal.ResQModel`), ``forward`` hands the input to it, and the state decides
 between :meth:`ResQLayerMixin.keyframe_forward` and :meth:`ResQLayerMixin.residual_forward`.
@@ -14,9 +19,11 @@ between :meth:`ResQLayerMixin.keyframe_forward` and :meth:`ResQLayerMixin.residu
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import brevitas.nn as qnn
+import torch
 from torch import Tensor, nn
 
 __all__ = [
@@ -48,16 +55,40 @@ class ResQLayerMixin:
     brevitas_class: type[nn.Module]
 
     residual: nn.Module | None
+    #: One activation quantizer per pool bit width (Dynamic-ResQ), ascending; ``None`` if static.
+    residual_pool: nn.ModuleList | None
+    #: The pool's bit widths, ascending (empty for a static residual path).
+    pool_bits: tuple[int, ...]
     weight: nn.Parameter
+    #: Dimension of the input that holds channels (features): 1 for convs, -1 for Linear
+    #: (set by the MACs mixins, which come after this class in the MRO).
+    channel_dim: int
 
     def _init_residual(self, residual_weight_quant: Any, residual_input_quant: Any,
-                       has_residual: bool, layer_kwargs: dict[str, Any]) -> None:
+                       has_residual: bool, layer_kwargs: dict[str, Any],
+                       residual_input_pool: Sequence[tuple[int, Any]] | None = None) -> None:
         self.temporal_slot: TemporalSlot | None = None
+        self.residual_pool = None
+        self.pool_bits = ()
         if not has_residual:
             self.residual = None
             return
         kwargs = dict(layer_kwargs)
         kwargs["bias"] = False
+        if residual_input_pool is not None:
+            if residual_input_quant is not None:
+                raise ValueError("pass residual_input_quant or residual_input_pool, not both")
+            pool = sorted(residual_input_pool, key=lambda item: item[0])
+            if len(pool) < 2 or len({bits for bits, _ in pool}) != len(pool):
+                raise ValueError(
+                    "residual_input_pool must hold >= 2 distinct (bits, injector) pairs, "
+                    f"got {residual_input_pool!r}"
+                )
+            self.pool_bits = tuple(int(bits) for bits, _ in pool)
+            self.residual_pool = nn.ModuleList(
+                qnn.QuantIdentity(act_quant=injector, return_quant_tensor=False)
+                for _, injector in pool
+            )
         self.residual = self.brevitas_class(
             weight_quant=residual_weight_quant,
             input_quant=residual_input_quant,
@@ -84,19 +115,89 @@ class ResQLayerMixin:
         return self.brevitas_class.forward(self, x, **kwargs)
 
     def residual_forward(self, delta: Tensor, **kwargs: Any) -> Tensor:
-        """``q_Theta_a(delta) * q_Theta_w(w)`` (eq. 5, residual): no bias, shared weight."""
+        """``q_Theta_a(delta) * q_Theta_w(w)`` (eq. 5, residual): no bias, shared weight.
+
+        For a pool layer the residual view has no input quantizer: ``delta`` must already be
+        quantized (by the policy, see :meth:`pool_quantize`).
+        """
         if self.residual is None:
             raise RuntimeError(f"{type(self).__name__} was built without a residual path")
         return self.residual(delta, **kwargs)
+
+    def residual_quantize(self, delta: Tensor) -> Tensor:
+        """``q_Theta_a(delta)`` of a static residual path (the de-quantized tensor)."""
+        if self.residual is None or self.residual_pool is not None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no static residual quantizer "
+                f"({'no residual path' if self.residual is None else 'it has a pool'})"
+            )
+        return _value(self.residual.input_quant(delta))
+
+    def residual_apply(self, qdelta: Tensor, qweight: Tensor | None = None,
+                       **kwargs: Any) -> Tensor:
+        """``qdelta * q_Theta_w(w)`` for a residual that is already quantized (no bias).
+
+        Equals :meth:`residual_forward` of the un-quantized residual; used where the quantized
+        residual itself is needed too (error feedback, Dynamic-ResQ).
+
+        Args:
+            qdelta: The quantized residual.
+            qweight: ``q_Theta_w(w)`` if already computed (:meth:`residual_quant_weight`).
+            **kwargs: Extra options of the Brevitas forward (e.g. ``output_size``).
+        """
+        if self.residual is None:
+            raise RuntimeError(f"{type(self).__name__} was built without a residual path")
+        if kwargs:
+            # The Brevitas forward handles extra options; re-quantizing a quantized tensor is
+            # exact, and a pool view has no input quantizer.
+            return self.residual(qdelta, **kwargs)
+        if qweight is None:
+            qweight = self.residual_quant_weight()
+        return self.residual.inner_forward_impl(qdelta, qweight, None)
+
+    def residual_quant_weight(self) -> Tensor:
+        """``q_Theta_w(w)``, the residual path's quantized weight (differentiable)."""
+        if self.residual is None:
+            raise RuntimeError(f"{type(self).__name__} was built without a residual path")
+        return _value(self.residual.quant_weight())
+
+    def pool_quantize(self, delta: Tensor) -> list[Tensor]:
+        """``[q(delta; Theta_a^i) for each pool quantizer]``, ascending bits (Dynamic-ResQ)."""
+        if self.residual_pool is None:
+            raise RuntimeError(f"{type(self).__name__} has no pool of residual quantizers")
+        return [_value(quant(delta)) for quant in self.residual_pool]
+
+    def residual_weight_norm(self, qweight: Tensor | None = None) -> Tensor:
+        """``||q_Theta_w(w)||_F``, the weight factor of eq. 10 (no gradient).
+
+        Args:
+            qweight: ``q_Theta_w(w)`` if already computed.
+        """
+        with torch.no_grad():
+            if qweight is None:
+                qweight = self.residual_quant_weight()
+            return qweight.detach().norm()
+
+    def spatial_positions(self, input_shape: Sequence[int]) -> int:
+        """Number of input positions ("pixels") of one sample: ``H_in * W_in`` for a 2-D conv,
+        tokens for ``Linear`` (1 for a plain ``[B, F]`` input)."""
+        dims = input_shape[:-1] if self.channel_dim == -1 else input_shape[1:]
+        return math.prod(dims)
 
     def linear_op(self, x: Tensor, weight: Tensor) -> Tensor:
         """The layer's own op (stride, padding, groups, dilation) without bias."""
         return self.inner_forward_impl(x, weight, None)
 
 
+def _value(tensor: Any) -> Tensor:
+    """The plain tensor of a Brevitas ``QuantTensor`` (or the tensor itself)."""
+    return getattr(tensor, "value", tensor)
+
 
 class _ConvMacs:
     """``macs(input_shape, output_shape)``: multiply-accumulates of one sample (no batch dim)."""
+
+    channel_dim = 1
 
     in_channels: int
     out_channels: int
@@ -110,6 +211,7 @@ class _ConvMacs:
 
 
 class _ConvTransposeMacs:
+    channel_dim = 1
     in_channels: int
     out_channels: int
     groups: int
@@ -123,6 +225,7 @@ class _ConvTransposeMacs:
 
 class _LinearMacs:
     in_features: int
+    channel_dim = -1
 
     def macs(self, input_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> int:
         return math.prod(output_shape) * self.in_features
@@ -151,6 +254,7 @@ def _make_init(brevitas_class: type[nn.Module]):
         residual_weight_quant: Any = None,
         residual_input_quant: Any = None,
         has_residual: bool = True,
+        residual_input_pool: Sequence[tuple[int, Any]] | None = None,
         **layer_kwargs: Any,
     ) -> None:
         """Build the keyframe layer and its residual view.
@@ -162,6 +266,8 @@ def _make_init(brevitas_class: type[nn.Module]):
             residual_weight_quant: Residual weight quantizer injector.
             residual_input_quant: Residual activation quantizer injector.
             has_residual: Build the residual view (``False`` for frame quantization).
+            residual_input_pool: ``(bits, injector)`` pairs of a Dynamic-ResQ pool; the residual
+                view then has no input quantizer (``residual_input_quant`` must be ``None``).
             **layer_kwargs: Keyword arguments of the torch layer (stride, padding, bias, ...).
         """
         names = _positional_names(brevitas_class)
@@ -176,7 +282,7 @@ def _make_init(brevitas_class: type[nn.Module]):
             **layer_kwargs,
         )
         self._init_residual(residual_weight_quant, residual_input_quant, has_residual,
-                            layer_kwargs)
+                            layer_kwargs, residual_input_pool)
 
     return __init__
 

@@ -5,6 +5,12 @@
 wrapped model is arbitrary code: ResQ layers consult their attached :class:`LayerState` while a
 step runs, everything between them (adds, concats, upsampling, SE blocks, tuple/dict outputs)
 runs as written.
+
+Keyframes come from the fixed-period schedule and, when configured, from the refresh policies of
+:mod:`resq_brevitas.policy.refresh` (per stream: a forced keyframe restarts only that row's
+period). After each call, ``last_cost`` holds the BOPs, ``last_keyframes`` / ``last_refreshes``
+which rows were keyframes (and which of those were forced), and, for Dynamic-ResQ,
+``last_bit_maps`` the bits each pixel of each layer's input was processed at.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from resq_brevitas.config import ResQConfig, Scheme
-from resq_brevitas.cost import CostReport, build_report
+from resq_brevitas.config import ErrorBudgetRefresh, ResQConfig, SceneCutRefresh, Scheme
+from resq_brevitas.cost import CostReport, LayerCost, build_report
 from resq_brevitas.nn.layers import ResQLayerMixin, is_resq_layer
+from resq_brevitas.policy.refresh import predict_error_eq8
 from resq_brevitas.temporal.schedule import KeyframeSchedule
 from resq_brevitas.temporal.state import LayerState, Observer, StepContext
 
@@ -75,6 +82,25 @@ class ResQModel(nn.Module):
         #: BatchNorm folding waits for an example frame (the model could not be fx-traced).
         self.bn_fold_pending = False
         self.last_cost: CostReport | None = None
+        #: Per stream: accumulated truncated energy since its last keyframe (RRM eq. 7).
+        self._truncation: Tensor | None = None
+        #: Bool ``[B, T]`` of the last call: rows run as keyframes (scheduled or forced).
+        self.last_keyframes: Tensor | None = None
+        #: Bool ``[B, T]`` of the last call: keyframes forced by a refresh policy.
+        self.last_refreshes: Tensor | None = None
+        #: Dynamic-ResQ: ``name -> int8 [B, T, *S]``, the activation bits each input pixel of
+        #: the layer was processed at in the last call (keyframe rows at the keyframe bits).
+        self.last_bit_maps: dict[str, Tensor] = {}
+        #: The :class:`StepContext` of the last frame run (for calibration and diagnostics).
+        self.last_context: StepContext | None = None
+        #: ``reference="previous"``: error feedback ``x_ref <- x_ref + q(delta)``. Ablation only:
+        #: ``False`` stores ``x_ref <- x_t`` (RRM's Algorithm 1), whose error accumulates.
+        self.error_feedback = True
+        budget = config.refresh_of(ErrorBudgetRefresh)
+        #: RRM eq. 8 coefficients ``(c_1, ..., c_d)`` of the error-budget refresh: given in the
+        #: config or fitted by :func:`resq_brevitas.calibrate`.
+        self.error_polynomial: tuple[float, ...] | None = (
+            budget.coefficients if budget is not None else None)
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -102,15 +128,20 @@ class ResQModel(nn.Module):
         for state in self._states.values():
             state.reset()
         self._phase = None
+        self._truncation = None
         self._stream_shape = None
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"input_spec": self.input_spec, "calibrated": self.calibrated}
+        return {"input_spec": self.input_spec, "calibrated": self.calibrated,
+                "error_polynomial": self.error_polynomial}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         spec = state.get("input_spec")
         self.input_spec = tuple(spec) if spec is not None else None  # type: ignore[assignment]
         self.calibrated = bool(state.get("calibrated", False))
+        poly = state.get("error_polynomial")
+        if poly is not None:
+            self.error_polynomial = tuple(float(c) for c in poly)
 
     # ------------------------------------------------------------------ validation
     def check_frame(self, frame: Any, name: str = "frame") -> None:
@@ -174,23 +205,52 @@ class ResQModel(nn.Module):
             raise ValueError("video contains NaN or Inf values")
 
     # ------------------------------------------------------------------ running
-    def run_step(self, frame: Tensor, detach: bool,
-                 observer: Observer | None = None) -> tuple[Any, dict[str, tuple[int, Tensor]]]:
+    def run_step(self, frame: Tensor, detach: bool, observer: Observer | None = None,
+                 adaptive: bool = True) -> tuple[Any, dict[str, LayerCost]]:
         """One frame through the model; state is committed only if the forward succeeds.
 
         Args:
             frame: ``[B, C, ...]``, already validated.
             detach: Detach the stored references from autograd (streaming).
             observer: Optional calibration hook (see :class:`StepContext`).
+            adaptive: Let the configured refresh policies force keyframes (calibration runs the
+                fixed schedule only).
 
         Returns:
-            The model output and the per-layer cost records of this frame.
+            The model output and the per-layer cost records of this frame. The step's context
+            (key mask, bit maps, forced rows) is kept in ``self.last_context``.
         """
+        config = self.config
+        rows = frame.shape[0]
         phase = self._phase
         if phase is None:
-            phase = torch.zeros(frame.shape[0], dtype=torch.long)
+            phase = torch.zeros(rows, dtype=torch.long)
         key_mask = self.schedule.key_mask(phase)
-        ctx = StepContext(key_mask=key_mask.to(frame.device), observer=observer)
+        forced = torch.zeros(rows, dtype=torch.bool)
+        budget = config.refresh_of(ErrorBudgetRefresh) if adaptive else None
+        if budget is not None and self.error_polynomial is None:
+            raise RuntimeError(
+                "ErrorBudgetRefresh has no fitted polynomial: run resq.calibrate(qm, clips) "
+                "or pass ErrorBudgetRefresh(coefficients=...)"
+            )
+        if budget is not None and self._truncation is not None:
+            assert self.error_polynomial is not None
+            predicted = predict_error_eq8(self.error_polynomial, self._truncation)
+            forced = (predicted > budget.budget) & ~key_mask
+            key_mask = key_mask | forced
+        scene_cut = config.refresh_of(SceneCutRefresh) if adaptive else None
+        keyframe = self.scheme.keyframe
+        ctx = StepContext(
+            key_mask=key_mask.to(frame.device),
+            observer=observer,
+            reference=config.reference,
+            threshold=config.threshold,
+            policy=config.policy,
+            error_feedback=self.error_feedback,
+            scene_cut=scene_cut.fraction if scene_cut is not None else None,
+            record_bit_maps=self.scheme.is_dynamic,
+            keyframe_act_bits=keyframe.bops_act_bits,
+        )
         layers = self._layers
         for name, layer in layers:
             state = self._states[name]
@@ -198,6 +258,8 @@ class ResQModel(nn.Module):
             layer.temporal_slot = state
         try:
             out = self.model(frame)
+            for state in self._states.values():
+                state.verify()
         except BaseException:
             for state in self._states.values():
                 state.rollback()
@@ -208,11 +270,27 @@ class ResQModel(nn.Module):
                 self._states[name].context = None
         for state in self._states.values():
             state.commit(detach=detach)
-        self._phase = self.schedule.advance(phase, key_mask)
+        final_mask = ctx.key_mask.cpu()
+        assert ctx.cut is not None and ctx.truncated is not None
+        ctx.cut = ctx.cut | forced
+        self._phase = self.schedule.advance(phase, final_mask)
+        previous = self._truncation if self._truncation is not None else torch.zeros(
+            rows, dtype=torch.float64)
+        self._truncation = torch.where(final_mask, torch.zeros_like(previous),
+                                       previous + ctx.truncated)
         self._stream_shape = tuple(frame.shape)
         if self.input_spec is None:
             self.input_spec = (frame.dim(), int(frame.shape[1]))
+        self.last_context = ctx
         return out, ctx.costs
+
+    def _record(self, contexts: list[StepContext]) -> None:
+        """Fill ``last_keyframes``, ``last_refreshes`` and ``last_bit_maps`` from a call."""
+        self.last_keyframes = torch.stack([c.key_mask.cpu() for c in contexts], 1)
+        self.last_refreshes = torch.stack([c.cut for c in contexts], 1)  # type: ignore[misc]
+        names = contexts[0].bit_maps.keys()
+        self.last_bit_maps = {n: torch.stack([c.bit_maps[n] for c in contexts], 1)
+                              for n in names if all(n in c.bit_maps for c in contexts)}
 
     def step(self, frame: Tensor) -> Any:
         """Continue every row's stream with one frame ``[B, C, ...]``.
@@ -227,6 +305,8 @@ class ResQModel(nn.Module):
         self.check_frame(frame)
         out, costs = self.run_step(frame, detach=True)
         self.last_cost = build_report(self.scheme, [costs])
+        assert self.last_context is not None
+        self._record([self.last_context])
         return out
 
     def forward(self, video: Tensor) -> Any:
@@ -238,29 +318,38 @@ class ResQModel(nn.Module):
         self._check_video(video)
         saved = self._snapshot()
         self.reset()
-        outputs, records = [], []
+        outputs, records, contexts = [], [], []
         try:
             for t in range(video.shape[1]):
                 out, costs = self.run_step(video[:, t], detach=False)
                 outputs.append(out)
                 records.append(costs)
+                contexts.append(self.last_context)  # type: ignore[arg-type]
         except BaseException:
             self._restore(saved)
             raise
         self.last_cost = build_report(self.scheme, records)
+        self._record(contexts)
         return stack_outputs(outputs)
 
     def _snapshot(self) -> tuple[Any, ...]:
         refs = {n: (s.x_ref, s.z_ref) for n, s in self._states.items()}
-        return refs, self._phase, self._stream_shape, self.input_spec
+        return refs, self._phase, self._truncation, self._stream_shape, self.input_spec
 
     def _restore(self, saved: tuple[Any, ...]) -> None:
-        refs, self._phase, self._stream_shape, self.input_spec = saved
+        refs, self._phase, self._truncation, self._stream_shape, self.input_spec = saved
         for name, state in self._states.items():
             state.reset()
             state.x_ref, state.z_ref = refs[name]
 
     def extra_repr(self) -> str:
-        return (f"scheme={self.scheme.notation}, period={self.period}, "
+        text = (f"scheme={self.scheme.notation}, period={self.period}, "
                 f"reference={self.config.reference!r}, layers={len(self._states)}")
+        if self.config.policy is not None:
+            text += f", policy={self.config.policy}"
+        if self.config.threshold:
+            text += f", threshold={self.config.threshold:g}"
+        if self.config.refresh:
+            text += f", refresh={self.config.refresh}"
+        return text
 

@@ -63,7 +63,8 @@ class StepContext:
         keyframe_act_bits: Keyframe activation bits (bit maps of keyframe rows, policy cost).
         bit_maps: ``name -> [B, *S]`` bits each pixel's activation was processed at.
         truncated: Float64 ``[B]``: this frame's truncated energy summed over layers (RRM eq. 7).
-        cut: Bool ``[B]``: rows the scene-cut guard turned into keyframes.
+        cut: Bool ``[B]``: rows forced to keyframes by a refresh policy (the scene-cut guard
+            sets them during the step; the model adds the error-budget refresh's rows after it).
     """
 
     key_mask: Tensor
@@ -224,6 +225,7 @@ class LayerState:
             res_idx = None if ctx.no_key else (~key).nonzero().squeeze(1)
             res = self._residual(layer, _rows(x, res_idx), _rows(self.x_ref, res_idx),
                                  _rows(self.z_ref, res_idx), **kwargs)
+            bit_map = res.bit_map
             if res_idx is None:
                 z, x_ref, z_ref = res.z, res.x_ref, res.z_ref
                 if x_ref is x:
@@ -235,20 +237,18 @@ class LayerState:
                 z = _assemble(key_idx, z_key, res_idx, res.z)
                 x_ref = _assemble(key_idx, x_key, res_idx, res.x_ref)
                 z_ref = _assemble(key_idx, z_key, res_idx, res.z_ref)
+                if bit_map is not None:
+                    key_bits = bit_map.new_full((key_idx.numel(),) + tuple(bit_map.shape[1:]),
+                                                ctx.keyframe_act_bits)
+                    bit_map = _assemble(key_idx, key_bits, res_idx, bit_map)
             density = _scatter_rows(rows, res_idx, res.density, fill=float("nan"))
             if res.truncated is not None:
                 assert ctx.truncated is not None
                 ctx.truncated += _scatter_rows(rows, res_idx, res.truncated)
             if res.bits is not None:
-                residual_bits = _scatter_rows(rows, res_idx, res.bits)
                 assert res.policy_bops is not None
+                residual_bits = _scatter_rows(rows, res_idx, res.bits)
                 policy = _scatter_rows(rows, res_idx, res.policy_bops)
-                if res.bit_map is not None:
-                    key_bits = res.bit_map.new_full(
-                        (key_idx.numel(),) + tuple(res.bit_map.shape[1:]), ctx.keyframe_act_bits)
-                    bit_map = _assemble(key_idx, key_bits, res_idx, res.bit_map)
-            if res_idx is None:
-                bit_map = res.bit_map
         if ctx.record_bit_maps and layer.residual_pool is not None:
             if bit_map is None:  # every row a keyframe
                 spatial = _spatial_shape(layer, x)
@@ -301,11 +301,13 @@ class LayerState:
         if layer.residual_pool is not None:
             assert ctx.policy is not None, "a pool layer needs the Dynamic-ResQ policy"
             quantized = layer.pool_quantize(delta)
+            qweight = layer.residual_quant_weight()
             qdelta, index, units = apply_error_bound_policy(
-                delta, quantized, layer.residual_weight_norm(), ctx.policy, layer.channel_dim)
+                delta, quantized, layer.residual_weight_norm(qweight), ctx.policy,
+                layer.channel_dim)
             pool_bits = torch.tensor(layer.pool_bits, device=index.device)
             bit_map = pool_bits[index]
-            z = layer.residual_apply(qdelta, **kwargs) + z_ref
+            z = layer.residual_apply(qdelta, qweight, **kwargs) + z_ref
             positions = layer.spatial_positions(tuple(x.shape[1:]))
             bits = bit_map.reshape(bit_map.shape[0], -1).double().mean(1)
             overhead = policy_bops(len(layer.pool_bits), x.shape[layer.channel_dim], positions,
