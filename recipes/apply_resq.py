@@ -63,6 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=64, help="frame size for decoded videos/demo")
     p.add_argument("--out", type=Path, default=Path("resq_out"), help="output folder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--export", nargs="+", choices=("qonnx", "qcdq", "fx"),
+                   help="also write deployment artifacts of the first ResQ scheme (or the first "
+                        "scheme) to <out>/export/<format>: QONNX / QCDQ keyframe+residual step "
+                        "graphs with manifest.json, or the QAT-ready unrolled FX clip")
     p.add_argument("--tau", type=float, nargs="+",
                    help="Dynamic-ResQ tau value(s) for pool schemes like 'W8A8->W8A{0,4,8}' "
                         "(default 3e-4, the paper's)")
@@ -214,6 +218,28 @@ def write_outputs(rows: list, out: Path) -> list[Path]:
     return written
 
 
+def export_first_scheme(model: torch.nn.Module, configs: list[tuple[str, int]], calib: list,
+                        example_clip: torch.Tensor, args: argparse.Namespace) -> list[Path]:
+    """Calibrate the first ResQ config (else the first config) again and export it."""
+    from resq_brevitas.calibrate import calibrate
+    from resq_brevitas.convert import convert
+    from resq_brevitas.evaluation import clip_batches
+    from resq_brevitas.export import export_artifacts
+
+    if not configs:
+        raise SystemExit("--export needs a static scheme (e.g. --scheme 'W8A8->W4A4')")
+    resq_configs = [c for c in configs if not Scheme.parse(c[0]).is_frame_quantization]
+    scheme, period = (resq_configs or configs)[0]
+    config = ResQConfig(scheme=scheme, period=period,
+                        calibration=LineSearch(candidates=args.candidates,
+                                               samples=args.calib_samples))
+    qm = calibrate(convert(model, config), clip_batches(calib), progress=not args.no_progress)
+    written = export_artifacts(qm, model, example_clip[:1], args.out / "export", args.export)
+    print(f"exported {scheme} (T={period}): " + ", ".join(f"{k} -> {v}" for k, v in
+                                                          written.items()))
+    return list(written.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(0)
@@ -249,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     written = write_outputs(rows, args.out)
     if maps:
         written += write_bit_map_figure(maps, eval_clips[0], pick, args.out)
+    if args.export:
+        written += export_first_scheme(model, configs, calib, eval_clips[0], args)
     print()
     print("wrote " + ", ".join(str(p) for p in written))
     print(f"done in {time.perf_counter() - start:.1f} s")

@@ -22,6 +22,7 @@ from resq_brevitas.config import (
 )
 from resq_brevitas.convert import convert
 from resq_brevitas.cost import CostReport, LayerCost, count_bops, count_macs
+from resq_brevitas.export import export
 from resq_brevitas.quant.control import quantization_disabled
 from resq_brevitas.temporal.model import ResQModel
 
@@ -43,5 +44,6 @@ __all__ = [
     "convert",
     "count_bops",
     "count_macs",
+    "export",
     "quantization_disabled",
 ]

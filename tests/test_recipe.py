@@ -73,3 +73,18 @@ def test_recipe_rejects_bad_arguments(capsys) -> None:
         with pytest.raises(SystemExit):
             recipe.parse_args(argv)
     assert "scheme" in capsys.readouterr().err
+
+
+def test_recipe_export_writes_step_graphs_and_unrolled_clip(tmp_path: Path) -> None:
+    recipe = _recipe()
+    recipe.main([
+        "--model", "resq_brevitas.demo.model:DemoSegNet", "--clips",
+        "test_recipe:labelled_clips", "--scheme", "W8A8->W4A4", "--period", "2",
+        "--calib-samples", "4", "--candidates", "3", "--frames", "4", "--out", str(tmp_path),
+        "--no-progress", "--export", "qcdq", "fx",
+    ])
+    manifest = json.loads((tmp_path / "export" / "qcdq" / "manifest.json").read_text())
+    assert manifest["period"] == 2
+    for graph in ("keyframe.onnx", "residual.onnx"):
+        assert (tmp_path / "export" / "qcdq" / graph).stat().st_size > 0
+    assert any((tmp_path / "export" / "fx").iterdir())
