@@ -20,11 +20,12 @@ ONNX form as TorchScript symbolics, which the dynamo exporter does not use, and 
 of brevitas 0.13 refuse QCDQ weights without a Q node. The managers' own ``export`` entry point is
 not used because it requires ``onnxoptimizer``; the few passes it runs are done with qonnx/onnx
 here. The plugin's quantizers are Brevitas injectors with stock proxies, so Brevitas's stock
-handlers apply; 0-bit residual quantizers (which output zeros) are not exported as quantizers: the
-residual graph passes ``z_ref`` through for those layers. Export runs on a deep copy of the model,
-so handlers and export flags never touch ``qm``, and Brevitas is not patched. (The qonnx cleanup
-runs inside :func:`resq_brevitas.runtime.qonnx_ir_compat`, which lowers ``onnx.IR_VERSION`` for
-the duration of the cleanup only.)
+handlers apply; 0-bit residual quantizers (which output zeros) are not exported as quantizers:
+:func:`resq_brevitas.temporal.step.residual_step` skips those layers and passes ``z_ref``
+through. Export runs on a deep copy of the model, so handlers and export flags never touch
+``qm``, and Brevitas is not patched. (The qonnx cleanup runs inside
+:func:`resq_brevitas.runtime.qonnx_ir_compat`, which lowers ``onnx.IR_VERSION`` for the duration
+of the cleanup only.)
 
 The graphs are built from :func:`resq_brevitas.fx.step_graphs` when ``qm.model`` is traceable by
 torch.fx (symbolically, or with the example frame's shapes), otherwise from eager step modules
@@ -49,16 +50,20 @@ import torch
 from torch import Tensor, nn
 
 from resq_brevitas.fx import (
-    ResidualMode,
     StepGraphs,
     quant_tensors_disabled,
     state_specs,
     step_graphs,
-    truncate_residual,
     unroll,
 )
 from resq_brevitas.nn.layers import ResQLayerMixin
 from resq_brevitas.temporal.model import ResQModel
+from resq_brevitas.temporal.step import (  # noqa: F401  (re-exported: old import paths)
+    ResidualMode,
+    keyframe_step,
+    residual_step,
+    truncate_residual,
+)
 
 __all__ = [
     "FORMATS",
@@ -89,7 +94,7 @@ MANIFEST_VERSION = 1
 # step modules
 # --------------------------------------------------------------------------------------------
 class _KeyframeSlot:
-    """Temporal slot of the eager keyframe step: runs the keyframe path and records the state."""
+    """Temporal slot of the eager keyframe step: :func:`keyframe_step`, recording the state."""
 
     def __init__(self, names: dict[int, str]) -> None:
         self.names = names
@@ -99,16 +104,17 @@ class _KeyframeSlot:
         name = self.names[id(layer)]
         if name in self.state:
             raise RuntimeError(f"ResQ layer {name!r} was called twice in one frame")
-        z = layer.keyframe_forward(x, **kwargs)
-        # Clones: the model may write into x or z later (ReLU(inplace=True)).
-        self.state[name] = (x.clone(), z.clone())
+        # Private copies: the model may write into x or z later (ReLU(inplace=True)).
+        z, x_ref, z_ref = keyframe_step(layer, x, private=True, **kwargs)
+        self.state[name] = (x_ref, z_ref)
         return z
 
 
 class _ResidualSlot:
-    """Temporal slot of the eager residual step: ``z = q(x - x_ref) * q(w) + z_ref``.
+    """Temporal slot of the eager residual step: :func:`residual_step` on the given state.
 
-    Mirrors :func:`resq_brevitas.fx.step_graphs` (truncation, ``previous`` reference updates).
+    Same semantics as :func:`resq_brevitas.fx.step_graphs` (both call
+    :mod:`resq_brevitas.temporal.step`).
     """
 
     def __init__(self, names: dict[int, str], refs: dict[str, tuple[Tensor, Tensor]],
@@ -121,28 +127,9 @@ class _ResidualSlot:
     def forward(self, layer: ResQLayerMixin, x: Tensor, **kwargs: Any) -> Tensor:
         name = self.names[id(layer)]
         x_ref, z_ref = self.refs[name]
-        mode = self.mode
-        q_delta = None
-        if mode.zero:
-            z = z_ref.clone()  # a 0-bit residual is zero; clone: z_ref is also an output
-        else:
-            delta = x - x_ref
-            if mode.threshold > 0:
-                delta = truncate_residual(delta, mode.threshold)
-            if mode.reference == "previous" and mode.error_feedback:
-                q_delta = layer.residual_quantize(delta)
-                z = layer.residual_apply(q_delta, **kwargs) + z_ref
-            else:
-                z = layer.residual_forward(delta, **kwargs) + z_ref
-        if mode.reference == "previous":
-            if not mode.error_feedback:
-                x_next = x.clone()
-            else:
-                x_next = x_ref if q_delta is None else x_ref + q_delta
-            self.next_refs[name] = (x_next, z.clone())
-        else:
-            self.next_refs[name] = (x_ref, z_ref)
-        return z
+        res = residual_step(layer, x, x_ref, z_ref, self.mode, private=True, **kwargs)
+        self.next_refs[name] = (res.x_ref, res.z_ref)
+        return res.z
 
 
 @contextmanager
@@ -298,6 +285,12 @@ def _check_qcdq_bits(qm: ResQModel) -> None:
     for path, precision in (("keyframe", qm.scheme.keyframe), ("residual", qm.scheme.residual)):
         if precision is None or precision.is_float:
             continue
+        if 0 in (precision.act_bits or ()):
+            raise ValueError(
+                f"format='qcdq' cannot express a 0-bit quantizer (Brevitas's QCDQ handlers reject "
+                f"it); the {path} precision of scheme {qm.scheme} is {precision}: use "
+                "format='qonnx'"
+            )
         bits = [precision.weight_bits, *(b for b in precision.act_bits or () if b)]
         if max(bits) > 8:
             raise ValueError(

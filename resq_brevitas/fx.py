@@ -10,9 +10,12 @@ Three things live here (design card, section 5):
   ``residual(x, *state) -> (y, *state)``. The state is each ResQ layer's reference input and
   output ``(x_ref, z_ref)``, layer by layer in :meth:`ResQModel.resq_layers` order, identical in
   the keyframe outputs, the residual inputs and the residual outputs. The frame counter stays in
-  the host program (see :class:`resq_brevitas.runtime.OnnxStream`). Both reference modes and RRM
-  truncation are graph ops (:class:`ResidualMode`); :func:`export_program` runs
-  ``torch.export`` on them.
+  the host program (see :class:`resq_brevitas.runtime.OnnxStream`). Each ResQ call site becomes
+  one leaf module, :class:`~resq_brevitas.temporal.step.KeyframeStep` or
+  :class:`~resq_brevitas.temporal.step.ResidualStep`, that runs the shared step of
+  :mod:`resq_brevitas.temporal.step` (both reference modes, RRM truncation, see
+  :class:`ResidualMode`); exporters trace through them. :func:`export_program` runs
+  ``torch.export`` on the graphs.
 * :func:`unroll` turns a *float* model into a GraphModule that runs one clip of ``T`` frames (one
   keyframe and ``T - 1`` residual frames in a static loop). Residual call sites go through twin
   modules that share the weight ``Parameter``, so torch.ao ``prepare_qat_fx`` (with
@@ -42,6 +45,12 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from resq_brevitas.convert import fold_batch_norms
 from resq_brevitas.nn.layers import RESQ_LAYER_FOR, is_resq_layer
+from resq_brevitas.temporal.step import (
+    KeyframeStep,
+    ResidualMode,
+    ResidualStep,
+    truncate_residual,
+)
 
 __all__ = [
     "ResQTracer",
@@ -55,15 +64,23 @@ __all__ = [
     "unroll",
     "RESIDUAL_PREFIX",
     "RESIDUAL_QUANT_PREFIX",
+    "RESIDUAL_STEP_PREFIX",
+    "KEYFRAME_STEP_PREFIX",
+    "KeyframeStep",
     "ResidualMode",
     "ResidualQuantize",
+    "ResidualStep",
     "truncate_residual",
 ]
 
 #: Submodule under which :func:`unroll` registers the residual twins (``resq_residual.<name>``).
 RESIDUAL_PREFIX = "resq_residual"
-#: Where the residual step graph keeps its :class:`ResidualQuantize` helpers.
+#: Prefix for :class:`ResidualQuantize` helpers (no longer emitted by :func:`step_graphs`).
 RESIDUAL_QUANT_PREFIX = "resq_residual_quantize"
+#: Where the residual step graph keeps its :class:`ResidualStep` leaves (``<prefix>.<layer>``).
+RESIDUAL_STEP_PREFIX = "resq_residual_step"
+#: Where the keyframe step graph keeps its :class:`KeyframeStep` leaves (``<prefix>.<layer>``).
+KEYFRAME_STEP_PREFIX = "resq_keyframe_step"
 
 
 class ResQTracer(fx.Tracer):
@@ -118,7 +135,8 @@ def _meta_tracer_class(leaf: Any) -> type[fx.Tracer]:
 
 
 def _is_resq_leaf(m: nn.Module) -> bool:
-    return is_resq_layer(m) or isinstance(m, (QuantLayerMixin, ResidualQuantize))
+    return is_resq_layer(m) or isinstance(m, (QuantLayerMixin, ResidualQuantize, KeyframeStep,
+                                              ResidualStep))
 
 
 def trace_graph(root: nn.Module, example: Tensor | None = None, resq_leaves: bool = True
@@ -258,52 +276,11 @@ def _resq_call_sites(graph: fx.Graph, layer_names: set[str]) -> dict[str, fx.Nod
     return sites
 
 
-@dataclass(frozen=True)
-class ResidualMode:
-    """How the residual step computes each layer (from the ResQ model's configuration).
-
-    Attributes:
-        reference: ``"keyframe"`` (state passes through) or ``"previous"`` (RRM / sigma-delta:
-            ``x_ref <- x_ref + q(delta)`` with error feedback, else ``x_ref <- x_t``;
-            ``z_ref <- z_t``).
-        error_feedback: The ``previous`` mode's update rule (see above).
-        threshold: RRM truncation ``eps``: residual entries with ``|delta| <= eps`` become 0.
-        zero: The residual activations are 0-bit: every residual contribution is zero.
-    """
-
-    reference: str = "keyframe"
-    error_feedback: bool = True
-    threshold: float = 0.0
-    zero: bool = False
-
-    @classmethod
-    def of(cls, qm: Any) -> ResidualMode:
-        """The mode of a ResQ model.
-
-        Raises:
-            ValueError: For a pool of residual bit widths (Dynamic-ResQ): its per-pixel choice
-                is not part of the step graphs.
-        """
-        residual = qm.scheme.residual
-        if residual is not None and residual.is_pool:
-            raise ValueError(
-                f"step graphs need a static residual precision; scheme {qm.scheme} has a pool "
-                "whose bit width the Dynamic-ResQ policy picks per pixel at run time"
-            )
-        return cls(
-            reference=qm.config.reference,
-            error_feedback=bool(getattr(qm, "error_feedback", True)),
-            threshold=float(getattr(qm.config, "threshold", 0.0) or 0.0),
-            zero=residual is not None and residual.act_bits == (0,),
-        )
-
-
 class ResidualQuantize(nn.Module):
     """``q_Theta_a(delta)`` of a ResQ layer's static residual path, as a plain tensor.
 
-    A leaf of :class:`ResQTracer`; the ``previous`` reference mode needs the quantized residual
-    itself (error feedback ``x_ref + q(delta)``). Feeding ``q(delta)`` to the residual view
-    quantizes it again, which is exact (its values already lie on the grid).
+    A leaf of :class:`ResQTracer`. (The step graphs no longer use it: their residual call sites
+    are :class:`~resq_brevitas.temporal.step.ResidualStep` leaves; kept for existing users.)
 
     Args:
         layer: The ResQ layer (not registered as a child: only its quantizer is).
@@ -318,22 +295,20 @@ class ResidualQuantize(nn.Module):
         return getattr(out, "value", out)
 
 
-def truncate_residual(delta: Tensor, threshold: float) -> Tensor:
-    """RRM truncation: entries with ``|delta| <= threshold`` become 0 (the rest pass)."""
-    return delta.masked_fill(delta.abs() <= threshold, 0.0)
-
-
 def step_graphs(qm: Any, example_frame: Tensor | None = None) -> StepGraphs:
     """Derive the keyframe and residual step graphs of a ResQ model.
 
-    The graphs share the ResQ model's layers (no copy): the keyframe graph calls each ResQ layer
-    (its keyframe path, ``z = q_Phi_a(x) * q_Phi_w(w) + b``), the residual graph calls the
-    layer's residual view on ``x - x_ref`` and adds ``z_ref`` (eq. 4-5), with RRM truncation
-    first when the model has a threshold. In the ``keyframe`` reference mode the residual graph
-    returns its state unchanged; in the ``previous`` mode it returns the advanced references
-    (see :class:`ResidualMode`). A layer that the model never calls carries no state. If the
-    model writes in place after a ResQ layer (e.g. ``ReLU(inplace=True)``), the graphs clone the
-    state tensors before they can be overwritten.
+    The graphs share the ResQ model's layers (no copy). Each call site of a ResQ layer becomes a
+    ``call_module`` leaf: in the keyframe graph a :class:`KeyframeStep` at
+    ``resq_keyframe_step.<layer>`` (the keyframe path, ``z = q_Phi_a(x) * q_Phi_w(w) + b``, and
+    the reference ``(x, z)``), in the residual graph a :class:`ResidualStep` at
+    ``resq_residual_step.<layer>`` taking ``(x, x_ref, z_ref)`` (``z = q(x - x_ref) * q(w) +
+    z_ref``, eq. 4-5, with RRM truncation first when the model has a threshold). Both run
+    :mod:`resq_brevitas.temporal.step`, like the runtime. In the ``keyframe`` reference mode the
+    residual graph returns its state unchanged; in the ``previous`` mode it returns the advanced
+    references (see :class:`ResidualMode`). A layer that the model never calls carries no state.
+    If the model writes in place after a ResQ layer (e.g. ``ReLU(inplace=True)``), the steps
+    return private copies of the state tensors.
 
     Args:
         qm: A :class:`~resq_brevitas.ResQModel`.
@@ -363,18 +338,16 @@ def step_graphs(qm: Any, example_frame: Tensor | None = None) -> StepGraphs:
     all_layers = dict(qm.resq_layers())
     modules = dict(qm.model.named_modules())
     clone_state = bool(_inplace_ops(source, modules))
-    keyframe = _keyframe_graph(source, layers, clone_state)
+    key_helpers: dict[str, nn.Module] = {}
+    keyframe = _keyframe_graph(source, layers, clone_state, all_layers, key_helpers)
     residual_module = None
     if qm.scheme.residual is not None:
         helpers: dict[str, nn.Module] = {}
         residual = _residual_graph(source, layers, mode, clone_state, all_layers, helpers)
         residual_module = fx.GraphModule(_graph_root(qm.model, residual, helpers), residual,
                                          "ResQResidualStep")
-        # Work that only fed skipped layers (0-bit residuals) is dead.
-        residual_module.graph.eliminate_dead_code()
-        residual_module.recompile()
     return StepGraphs(
-        keyframe=fx.GraphModule(_graph_root(qm.model, keyframe, {}), keyframe,
+        keyframe=fx.GraphModule(_graph_root(qm.model, keyframe, key_helpers), keyframe,
                                 "ResQKeyframeStep"),
         residual=residual_module,
         state=state_specs(layers),
@@ -406,24 +379,37 @@ def _output_value(graph: fx.Graph) -> Any:
     raise ValueError("graph has no output node")
 
 
-def _keyframe_graph(source: fx.Graph, layers: list[str], clone_state: bool) -> fx.Graph:
+def _step_outputs(graph: fx.Graph, step: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """``(z, x_ref, z_ref)`` of a step leaf's tuple output."""
+    return tuple(graph.call_function(operator.getitem, (step, i)) for i in range(3))
+
+
+def _keyframe_graph(source: fx.Graph, layers: list[str], clone_state: bool,
+                    all_layers: dict[str, nn.Module], helpers: dict[str, nn.Module]) -> fx.Graph:
     graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
+    env: dict[fx.Node, Any] = {}
     state: dict[str, tuple[fx.Node, fx.Node]] = {}
     wanted = set(layers)
+
+    def lookup(n: fx.Node) -> Any:
+        return env[n]
+
     for node in source.nodes:
         if node.op == "output":
             continue
-        new = graph.node_copy(node, lambda n: env[n])
-        env[node] = new
         if node.op == "call_module" and node.target in wanted:
-            x, z = env[node.args[0]], new
-            if clone_state:
-                # A later in-place op (ReLU(inplace=True)) would overwrite the reference.
-                x = graph.call_function(torch.clone, (x,))
-                z = graph.call_function(torch.clone, (z,))
-            state[node.target] = (x, z)
-    outputs = [fx.map_arg(_output_value(source), lambda n: env[n])]
+            # One leaf per layer: keyframe_step (temporal/step.py) runs the layer and returns
+            # its reference (private copies if a later in-place op could overwrite it).
+            target = f"{KEYFRAME_STEP_PREFIX}.{node.target}"
+            helpers[target] = KeyframeStep(all_layers[node.target], private=clone_state)
+            step = graph.call_module(target, (env[node.args[0]],),
+                                     fx.map_arg(node.kwargs, lookup))
+            z, x_ref, z_ref = _step_outputs(graph, step)
+            env[node] = z
+            state[node.target] = (x_ref, z_ref)
+            continue
+        env[node] = graph.node_copy(node, lookup)
+    outputs = [fx.map_arg(_output_value(source), lookup)]
     for layer in layers:
         outputs.extend(state[layer])
     graph.output(tuple(outputs))
@@ -455,40 +441,17 @@ def _residual_graph(source: fx.Graph, layers: list[str], mode: ResidualMode, clo
         if node.op == "output":
             continue
         if node.op == "call_module" and node.target in wanted:
+            # One leaf per layer: residual_step (temporal/step.py) computes z_t and the next
+            # references of ``mode``.
             name = node.target
-            x, (x_ref, z_ref) = env[node.args[0]], refs[name]
-            if mode.zero:
-                # A 0-bit residual quantizer outputs zeros and the residual path has no bias.
-                # Clone: z_ref is also a graph output that a later in-place op must not touch.
-                z = graph.call_function(torch.clone, (z_ref,)) if clone_state else z_ref
-                q_delta = None
-            else:
-                delta = graph.call_function(operator.sub, (x, x_ref))
-                if mode.threshold > 0:
-                    delta = graph.call_function(truncate_residual, (delta, mode.threshold))
-                kwargs = fx.map_arg(node.kwargs, lookup)
-                q_delta = None
-                if mode.reference == "previous" and mode.error_feedback:
-                    target = f"{RESIDUAL_QUANT_PREFIX}.{name}"
-                    helpers[target] = ResidualQuantize(all_layers[name])
-                    q_delta = graph.call_module(target, (delta,))
-                    delta = q_delta
-                r = graph.call_module(f"{name}.residual", (delta,), kwargs)
-                z = graph.call_function(operator.add, (r, z_ref))
+            target = f"{RESIDUAL_STEP_PREFIX}.{name}"
+            helpers[target] = ResidualStep(all_layers[name], mode, private=clone_state)
+            x_ref, z_ref = refs[name]
+            step = graph.call_module(target, (env[node.args[0]], x_ref, z_ref),
+                                     fx.map_arg(node.kwargs, lookup))
+            z, x_next, z_next = _step_outputs(graph, step)
             env[node] = z
-            if mode.reference == "previous":
-                if not mode.error_feedback:
-                    x_next = x
-                elif q_delta is None:
-                    x_next = x_ref  # a zero residual adds nothing
-                else:
-                    x_next = graph.call_function(operator.add, (x_ref, q_delta))
-                if clone_state:
-                    x_next = graph.call_function(torch.clone, (x_next,))
-                    z = graph.call_function(torch.clone, (z,))
-                new_refs[name] = (x_next, z)
-            else:
-                new_refs[name] = (x_ref, z_ref)
+            new_refs[name] = (x_next, z_next)
             continue
         env[node] = graph.node_copy(node, lookup)
     outputs = [fx.map_arg(_output_value(source), lookup)]

@@ -292,6 +292,10 @@ def test_bad_input_is_rejected_and_nothing_is_written(qm, video, tmp_path):
         export_artifacts(qm, None, video[:, 0], target, ["qcdq", "onnx"])
     with pytest.raises(TypeError, match="float_model"):
         export_artifacts(qm, None, video[:, 0], target, ["fx"])
+    zero_bit = resq.convert(StreamNet().eval(), resq.ResQConfig(scheme="W8A8->W4A0", period=4))
+    resq.calibrate(zero_bit, [video[0]], samples=4, candidates=3, progress=False)
+    with pytest.raises(ValueError, match="0-bit.*qonnx"):
+        export(zero_bit, video[:, 0], target, format="qcdq")
     assert not target.exists()
     # The model is untouched: no stream started, same outputs as before the failed calls.
     assert qm.calibrated and not qm.in_stream

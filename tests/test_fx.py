@@ -10,7 +10,12 @@ from torch import fx, nn
 
 import resq_brevitas as resq
 from resq_brevitas.fx import (
+    KEYFRAME_STEP_PREFIX,
     RESIDUAL_PREFIX,
+    RESIDUAL_STEP_PREFIX,
+    KeyframeStep,
+    ResidualMode,
+    ResidualStep,
     ResQTracer,
     export_program,
     quant_tensors_disabled,
@@ -145,13 +150,30 @@ def test_step_graphs_reproduce_resq_model(scheme, config, feedback, video):
     if steps.residual is not None:
         placeholders = [n for n in steps.residual.graph.nodes if n.op == "placeholder"]
         assert len(placeholders) == 1 + 2 * n_layers
-        views = {n.target for n in steps.residual.graph.nodes if n.op == "call_module"
-                 and n.target.endswith(".residual")}
-        # A 0-bit residual contributes nothing: its layers are not called at all.
-        assert views == (set() if scheme.endswith("A0") else
-                         {f"{name}.residual" for name, _ in qm.resq_layers()})
-        truncations = [n for n in steps.residual.graph.nodes if n.target is truncate_residual]
-        assert len(truncations) == (n_layers if config.get("threshold") else 0)
+        # One ResidualStep leaf per ResQ layer; the arithmetic lives in temporal/step.py.
+        layers = dict(qm.resq_layers())
+        calls = [n.target for n in steps.residual.graph.nodes if n.op == "call_module"
+                 and (n.target in layers or n.target.startswith(RESIDUAL_STEP_PREFIX))]
+        assert sorted(calls) == sorted(f"{RESIDUAL_STEP_PREFIX}.{name}" for name in layers)
+        mode = ResidualMode.of(qm)
+        for name, layer in layers.items():
+            step = steps.residual.get_submodule(f"{RESIDUAL_STEP_PREFIX}.{name}")
+            assert isinstance(step, ResidualStep) and step.layer is layer and step.mode == mode
+        assert mode.zero == scheme.endswith("A0")
+        assert (mode.threshold > 0) == bool(config.get("threshold"))
+        # A 0-bit residual contributes nothing: the layers' residual ops do not run at all
+        # (their residual weights are never quantized).
+        called = []
+        hooks = [layer.residual.weight_quant.register_forward_hook(
+            lambda m, i, o: called.append(m)) for layer in layers.values()]
+        try:
+            with torch.no_grad():
+                y, *state = steps.keyframe(video[:, 0])
+                steps.residual(video[:, 1], *state)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        assert len(called) == (0 if scheme.endswith("A0") else n_layers)
 
 
 def test_step_graphs_retrace_with_layers_as_leaves(qm, video):
@@ -162,12 +184,24 @@ def test_step_graphs_retrace_with_layers_as_leaves(qm, video):
         y_res, *state_out = steps.residual(video[:, 1], *state)
     key = symbolic_trace(steps.keyframe)
     res = symbolic_trace(steps.residual)
-    layers = {name for name, _ in qm.resq_layers()}
-    assert layers <= {n.target for n in key.graph.nodes if n.op == "call_module"}
-    assert {f"{name}.residual" for name in layers} <= {
-        n.target for n in res.graph.nodes if n.op == "call_module"}
-    subs = [n for n in res.graph.nodes if n.op == "call_function" and n.target is operator.sub]
-    assert len(subs) == len(layers)  # one x_t - x_ref per layer
+    layers = dict(qm.resq_layers())
+    # Each ResQ layer is a call_module leaf of the keyframe graph (inside its KeyframeStep), and
+    # of the residual graph (inside its ResidualStep); retracing keeps the steps as leaves.
+    for graph_module, prefix, kind in ((key, KEYFRAME_STEP_PREFIX, KeyframeStep),
+                                       (res, RESIDUAL_STEP_PREFIX, ResidualStep)):
+        calls = [n.target for n in graph_module.graph.nodes if n.op == "call_module"
+                 and (n.target.split(".")[0] in layers or n.target.startswith(prefix))]
+        assert sorted(calls) == sorted(f"{prefix}.{name}" for name in layers)
+        for name, layer in layers.items():
+            step = graph_module.get_submodule(f"{prefix}.{name}")
+            assert isinstance(step, kind) and step.layer is layer
+    # The residual arithmetic (x_t - x_ref, + z_ref) is not spelled out in the graph: only the
+    # model's own adds remain.
+    def arithmetic(graph_module: fx.GraphModule) -> list[str]:
+        return [n.target.__name__ for n in graph_module.graph.nodes if n.op == "call_function"
+                and n.target in (operator.sub, operator.add, truncate_residual)]
+
+    assert arithmetic(res) == arithmetic(symbolic_trace(qm.model)) == ["add"]
     with torch.no_grad():
         torch.testing.assert_close(key(frame)[0], y)
         torch.testing.assert_close(res(video[:, 1], *state)[0], y_res)
@@ -195,7 +229,9 @@ def test_step_graphs_protect_state_from_in_place_ops(video):
     qm = make_qm(inplace=True)
     float_net = make_net(inplace=False)
     steps = step_graphs(qm)
-    assert any(n.target is torch.clone for n in steps.keyframe.graph.nodes)
+    for graph_module in (steps.keyframe, steps.residual):
+        leaves = [m for m in graph_module.modules() if isinstance(m, (KeyframeStep, ResidualStep))]
+        assert leaves and all(m.private for m in leaves)  # they return private state copies
     # Without quantizers the keyframe/residual decomposition must equal the float model.
     with resq.quantization_disabled(qm):
         streamed = run_steps(steps, video, PERIOD)

@@ -1,20 +1,17 @@
-"""Per-layer temporal state: the one place where keyframe/residual decomposition happens.
+"""Per-layer temporal state: references, per-row orchestration, costs and calibration taps.
 
-For each batch row (its own stream) a layer either runs a keyframe,
-``z_k = q_Phi_a(x_k) * q_Phi_w(w) + b``, or a residual frame,
-``z_t = q_Theta_a(x_t - x_ref) * q_Theta_w(w) + z_ref`` (eq. 4-5). The reference ``(x_ref, z_ref)``
-is set at keyframes; then
+For each batch row (its own stream) a layer either runs a keyframe or a residual frame against
+its reference ``(x_ref, z_ref)``. The arithmetic of both (eq. 4-5, RRM truncation, the
+``keyframe`` / ``previous`` reference updates with or without error feedback, 0-bit residuals)
+lives in :mod:`resq_brevitas.temporal.step`; :class:`LayerState` splits the batch into keyframe
+and residual rows, calls :func:`~resq_brevitas.temporal.step.keyframe_step` /
+:func:`~resq_brevitas.temporal.step.residual_step` on them and reassembles the rows.
 
-- ``reference="keyframe"`` (ResQ) keeps it for the following frames;
-- ``reference="previous"`` (RRM / sigma-delta) advances it every frame with error feedback,
-  ``x_ref <- x_ref + q(delta)``, ``z_ref <- z_t``: what the residual path failed to send this frame
-  (quantization error, truncated entries) is part of the next frame's residual, so it does not
-  accumulate. (The ablation without feedback, ``x_ref <- x_t``, is RRM's Algorithm 1.)
-
-On residual rows, optionally: RRM truncation zeroes entries with ``|delta| <= threshold`` (their
-l2 norm feeds RRM eq. 7's accumulator), and Dynamic-ResQ's error-bound policy (eq. 9-11) picks a
-pool quantizer per pixel. The first ResQ layer of a frame may also turn residual rows into
-keyframes (scene-cut guard).
+Around that step it adds what only the runtime needs: Dynamic-ResQ's error-bound policy
+(eq. 9-11) as the residual quantizer of pool layers (picking a pool quantizer per pixel), RRM
+eq. 7's truncated energy, densities and BOPs (:class:`~resq_brevitas.cost.LayerCost`),
+calibration observers, and the scene-cut guard (the first ResQ layer of a frame may turn residual
+rows into keyframes).
 
 Updates are transactional: :meth:`LayerState.forward` writes a *pending* reference, and the owner
 commits it only after the whole model's forward succeeded, so an exception anywhere leaves every
@@ -35,6 +32,7 @@ from resq_brevitas.cost import LayerCost
 from resq_brevitas.nn.layers import ResQLayerMixin
 from resq_brevitas.policy.error_bound import apply_error_bound_policy, policy_bops
 from resq_brevitas.policy.refresh import scene_cut_rows, truncated_energy_eq7
+from resq_brevitas.temporal.step import ResidualMode, keyframe_step, residual_step
 
 __all__ = ["StepContext", "LayerState", "Observer"]
 
@@ -218,8 +216,7 @@ class LayerState:
         residual_bits = policy = density = None
         bit_map = None
         if ctx.all_key:
-            z = layer.keyframe_forward(x, **kwargs)
-            x_ref, z_ref = x, z
+            z, x_ref, z_ref = keyframe_step(layer, x, **kwargs)
             self._watch_input(x)
         else:
             res_idx = None if ctx.no_key else (~key).nonzero().squeeze(1)
@@ -232,11 +229,11 @@ class LayerState:
                     self._watch_input(x)
             else:
                 key_idx = key.nonzero().squeeze(1)
-                x_key = x.index_select(0, key_idx)
-                z_key = layer.keyframe_forward(x_key, **kwargs)
+                z_key, x_key, z_key_ref = keyframe_step(layer, x.index_select(0, key_idx),
+                                                        **kwargs)
                 z = _assemble(key_idx, z_key, res_idx, res.z)
                 x_ref = _assemble(key_idx, x_key, res_idx, res.x_ref)
-                z_ref = _assemble(key_idx, z_key, res_idx, res.z_ref)
+                z_ref = _assemble(key_idx, z_key_ref, res_idx, res.z_ref)
                 if bit_map is not None:
                     key_bits = bit_map.new_full((key_idx.numel(),) + tuple(bit_map.shape[1:]),
                                                 ctx.keyframe_act_bits)
@@ -284,50 +281,48 @@ class LayerState:
 
     def _residual(self, layer: ResQLayerMixin, x: Tensor, x_ref: Tensor, z_ref: Tensor,
                   **kwargs: Any) -> _Residual:
-        """The residual path on residual rows: truncation, quantization (static or policy),
-        the layer's residual view, and the next reference."""
+        """The residual path on residual rows: :func:`~resq_brevitas.temporal.step.residual_step`
+        (truncation, quantization, the output and the next reference), with the Dynamic-ResQ policy
+        as its quantizer for pool layers, plus what the runtime reports (RRM eq. 7 energy,
+        density, bits, policy cost)."""
         ctx = self.context
         assert ctx is not None
-        delta = x - x_ref
-        truncated = None
-        if ctx.threshold > 0:
-            small = delta.abs() <= ctx.threshold
-            truncated = truncated_energy_eq7(delta.masked_fill(~small, 0))
-            delta = delta.masked_fill(small, 0)
-        if ctx.observer is not None:
-            ctx.observer(self.name, "residual", delta)
+        mode = ResidualMode(reference=ctx.reference, error_feedback=ctx.error_feedback,
+                            threshold=ctx.threshold)
         bits = policy = bit_map = None
-        sent = delta
-        if layer.residual_pool is not None:
+        if layer.residual_pool is None:
+            res = residual_step(layer, x, x_ref, z_ref, mode, **kwargs)
+            sent = res.delta
+        else:
             assert ctx.policy is not None, "a pool layer needs the Dynamic-ResQ policy"
-            quantized = layer.pool_quantize(delta)
             qweight = layer.residual_quant_weight()
-            qdelta, index, units = apply_error_bound_policy(
-                delta, quantized, layer.residual_weight_norm(qweight), ctx.policy,
-                layer.channel_dim)
+            chosen: dict[str, Any] = {}
+
+            def quantize(delta: Tensor) -> Tensor:
+                # Error-bound policy (eq. 9-11): per pixel, the cheapest pool quantizer whose
+                # error is within tau of the next one.
+                qdelta, index, units = apply_error_bound_policy(
+                    delta, layer.pool_quantize(delta), layer.residual_weight_norm(qweight),
+                    ctx.policy, layer.channel_dim)
+                chosen["index"], chosen["units"] = index, units
+                return qdelta
+
+            res = residual_step(layer, x, x_ref, z_ref, mode, quantize=quantize,
+                                qweight=qweight, **kwargs)
+            index = chosen["index"]
             pool_bits = torch.tensor(layer.pool_bits, device=index.device)
             bit_map = pool_bits[index]
-            z = layer.residual_apply(qdelta, qweight, **kwargs) + z_ref
             positions = layer.spatial_positions(tuple(x.shape[1:]))
             bits = bit_map.reshape(bit_map.shape[0], -1).double().mean(1)
             overhead = policy_bops(len(layer.pool_bits), x.shape[layer.channel_dim], positions,
-                                   units, ctx.keyframe_act_bits)
+                                   chosen["units"], ctx.keyframe_act_bits)
             policy = torch.full((x.shape[0],), float(overhead), dtype=torch.float64)
             active = (bit_map > 0).unsqueeze(1 if layer.channel_dim >= 0 else bit_map.dim())
-            sent = delta * active
-        elif ctx.reference == "previous":
-            qdelta = layer.residual_quantize(delta)
-            z = layer.residual_apply(qdelta, **kwargs) + z_ref
-        else:
-            qdelta = None
-            z = layer.residual_forward(delta, **kwargs) + z_ref
-        if ctx.reference == "previous":
-            assert qdelta is not None
-            new_x_ref = x_ref + qdelta if ctx.error_feedback else x
-            new_z_ref = z
-        else:
-            new_x_ref, new_z_ref = x_ref, z_ref
-        return _Residual(z, new_x_ref, new_z_ref, _nonzero_share(sent), truncated, bits,
+            sent = res.delta * active
+        if ctx.observer is not None:
+            ctx.observer(self.name, "residual", res.delta)
+        truncated = None if res.truncated is None else truncated_energy_eq7(res.truncated)
+        return _Residual(res.z, res.x_ref, res.z_ref, _nonzero_share(sent), truncated, bits,
                          policy, bit_map)
 
 
