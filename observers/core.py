@@ -77,17 +77,44 @@ def bits_of_range(quant_min: int, quant_max: int) -> int:
     return bits
 
 
+#: Activation qschemes eq. 8 supports (one range per tensor).
+PER_TENSOR_QSCHEMES = (torch.per_tensor_affine, torch.per_tensor_symmetric)
+
+
 class LineSearchRangeMixin:
     """Eq. 8 range setting for an observer ``nn.Module`` with ``quant_min``/``quant_max``.
 
-    Subclasses call :meth:`_init_line_search` after their base ``__init__``, route ``forward``
-    to :meth:`observe` and ``calculate_qparams`` to :meth:`line_search_qparams`.
+    Subclasses check their arguments with :meth:`_check_observer_args` and call
+    :meth:`_init_line_search` after their base ``__init__``; ``forward``, ``calculate_qparams`` and
+    ``extra_repr`` come from here (the mixin goes first in the bases).
     """
 
     quant_min: int
     quant_max: int
     threshold: Tensor
     frozen: Tensor
+
+    @staticmethod
+    def _check_observer_args(qscheme: torch.qscheme, is_dynamic: bool) -> None:
+        if qscheme not in PER_TENSOR_QSCHEMES:
+            raise ValueError(
+                f"qscheme must be per-tensor {PER_TENSOR_QSCHEMES} for eq. 8, got {qscheme}"
+            )
+        if is_dynamic:
+            raise ValueError("is_dynamic must be False: eq. 8 is a calibration-time search")
+
+    def forward(self, x_orig: Tensor) -> Tensor:
+        """Keep samples for the search (nothing once frozen); returns the input unchanged."""
+        self.observe(x_orig)
+        return x_orig
+
+    @torch.jit.ignore
+    def calculate_qparams(self) -> tuple[Tensor, Tensor]:
+        """``(scale, zero_point)`` of the eq. 8 range (eq. 6 grid)."""
+        return self.line_search_qparams()
+
+    def extra_repr(self) -> str:
+        return self.line_search_repr()
 
     def _init_line_search(self, candidates: int, samples: int) -> None:
         for name, value, low in (("candidates", candidates, 2), ("samples", samples, 1)):

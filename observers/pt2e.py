@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, fx
+from torch import fx
 
 try:
     from torchao.quantization.pt2e.fake_quantize import FakeQuantize
@@ -39,7 +39,6 @@ from .core import LineSearchRangeMixin
 
 __all__ = ["PT2ELineSearchObserver", "ResQQuantizer", "resq_pt2e_quantizer"]
 
-_PER_TENSOR = (torch.per_tensor_affine, torch.per_tensor_symmetric)
 
 
 class PT2ELineSearchObserver(LineSearchRangeMixin, UniformQuantizationObserverBase):
@@ -55,27 +54,11 @@ class PT2ELineSearchObserver(LineSearchRangeMixin, UniformQuantizationObserverBa
                  factory_kwargs: dict[str, Any] | None = None,
                  eps: float = torch.finfo(torch.float32).eps, is_dynamic: bool = False,
                  candidates: int = 20, samples: int = 64, **kwargs: Any) -> None:
-        if qscheme not in _PER_TENSOR:
-            raise ValueError(f"qscheme must be per-tensor {_PER_TENSOR} for eq. 8, got {qscheme}")
-        if is_dynamic:
-            raise ValueError("is_dynamic must be False: eq. 8 is a calibration-time search")
+        self._check_observer_args(qscheme, is_dynamic)
         super().__init__(dtype=dtype, qscheme=qscheme, reduce_range=reduce_range,
                          quant_min=quant_min, quant_max=quant_max,
                          factory_kwargs=factory_kwargs, eps=eps, is_dynamic=is_dynamic, **kwargs)
         self._init_line_search(candidates, samples)
-
-    def forward(self, x_orig: Tensor) -> Tensor:
-        """Keep samples for the search (nothing once frozen); returns the input unchanged."""
-        self.observe(x_orig)
-        return x_orig
-
-    @torch.jit.ignore
-    def calculate_qparams(self) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        """``(scale, zero_point)`` of the eq. 8 range (eq. 6 grid)."""
-        return self.line_search_qparams()
-
-    def extra_repr(self) -> str:
-        return self.line_search_repr()
 
 
 def _specs(act_bits: int, weight_bits: int, qat: bool, weight_granularity: str,

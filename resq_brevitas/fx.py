@@ -45,6 +45,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from resq_brevitas.convert import fold_batch_norms
 from resq_brevitas.nn.layers import RESQ_LAYER_FOR, is_resq_layer
+from resq_brevitas.quant.control import proxy_attribute
 from resq_brevitas.temporal.step import (
     KeyframeStep,
     ResidualMode,
@@ -664,15 +665,8 @@ def quant_tensors_disabled(module: nn.Module) -> Iterator[nn.Module]:
     graphs are exported inside this block (:func:`export_program` does it). The computed values
     are the same; previous settings are restored on exit.
     """
-    proxies = [m for m in module.modules() if hasattr(m, "skip_create_quant_tensor")]
-    previous = [p.skip_create_quant_tensor for p in proxies]
-    try:
-        for proxy in proxies:
-            proxy.skip_create_quant_tensor = True
+    with proxy_attribute(module, "skip_create_quant_tensor", True):
         yield module
-    finally:
-        for proxy, value in zip(proxies, previous):
-            proxy.skip_create_quant_tensor = value
 
 
 def export_program(module: nn.Module, args: tuple[Any, ...]) -> torch.export.ExportedProgram:

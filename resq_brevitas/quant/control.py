@@ -8,7 +8,33 @@ from contextlib import contextmanager
 from brevitas.proxy.quant_proxy import QuantProxyFromInjector
 from torch import nn
 
-__all__ = ["quantization_disabled"]
+__all__ = ["proxy_attribute", "quantization_disabled"]
+
+
+@contextmanager
+def proxy_attribute(model: nn.Module, name: str, value: object) -> Iterator[nn.Module]:
+    """Set attribute ``name`` of every Brevitas quant proxy in ``model`` for the block's duration.
+
+    Each proxy's previous value is restored on exit, also when the block raises.
+
+    Args:
+        model: Any module.
+        name: A proxy attribute (e.g. ``disable_quant``, ``skip_create_quant_tensor``).
+        value: The value inside the block.
+
+    Yields:
+        ``model``.
+    """
+    proxies = [m for m in model.modules()
+               if isinstance(m, QuantProxyFromInjector) and hasattr(m, name)]
+    previous = [getattr(p, name) for p in proxies]
+    try:
+        for proxy in proxies:
+            setattr(proxy, name, value)
+        yield model
+    finally:
+        for proxy, old in zip(proxies, previous):
+            setattr(proxy, name, old)
 
 
 @contextmanager
@@ -25,12 +51,5 @@ def quantization_disabled(model: nn.Module) -> Iterator[nn.Module]:
     Yields:
         ``model``.
     """
-    proxies = [m for m in model.modules() if isinstance(m, QuantProxyFromInjector)]
-    previous = [p.disable_quant for p in proxies]
-    try:
-        for proxy in proxies:
-            proxy.disable_quant = True
+    with proxy_attribute(model, "disable_quant", True):
         yield model
-    finally:
-        for proxy, value in zip(proxies, previous):
-            proxy.disable_quant = value
