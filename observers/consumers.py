@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import reduce
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -25,7 +26,9 @@ from .core import Consumer, LineSearchRangeMixin
 
 __all__ = ["attach_output_consumers", "freeze_observers", "line_search_observers"]
 
-_CONV_TRANSPOSE_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_CONV_TRANSPOSE_FN = MappingProxyType(
+    {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+)
 
 
 def _line_search_of(module: nn.Module) -> LineSearchRangeMixin | None:

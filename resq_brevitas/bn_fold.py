@@ -26,7 +26,9 @@ __all__ = ["BN_TYPES", "conv_bn_pairs_fx", "conv_bn_pairs_eager", "fold_batch_no
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Tensor queries that read metadata only: they do not consume the layer output.
-_METADATA_FUNCS = {"dim", "size", "numel", "__get__", "is_floating_point", "stride", "ndimension"}
+_METADATA_FUNCS = frozenset(
+    {"dim", "size", "numel", "__get__", "is_floating_point", "stride", "ndimension"}
+)
 
 
 def _is_producer(module: nn.Module) -> bool:

@@ -19,7 +19,8 @@ between :meth:`ResQLayerMixin.keyframe_forward` and :meth:`ResQLayerMixin.residu
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import brevitas.nn as qnn
@@ -321,13 +322,13 @@ ResQConvTranspose2d = _resq_class(
 ResQLinear = _resq_class("ResQLinear", qnn.QuantLinear, nn.Linear, _LinearMacs)
 
 #: Float torch class -> ResQ class. Exact classes only (a subclass may override ``forward``).
-RESQ_LAYER_FOR: dict[type[nn.Module], type[nn.Module]] = {
+RESQ_LAYER_FOR: Mapping[type[nn.Module], type[nn.Module]] = MappingProxyType({
     nn.Conv1d: ResQConv1d,
     nn.Conv2d: ResQConv2d,
     nn.Conv3d: ResQConv3d,
     nn.ConvTranspose2d: ResQConvTranspose2d,
     nn.Linear: ResQLinear,
-}
+})
 
 
 def is_resq_layer(module: nn.Module) -> bool:
