@@ -25,13 +25,10 @@ from pathlib import Path
 import torch
 
 import resq_brevitas as resq
-from resq_brevitas.data import make_clip
+from resq_brevitas.demo.clips import demo_clips
 from resq_brevitas.demo.model import NUM_CLASSES, load_demo_model
 from resq_brevitas.evaluation import compare_configs, format_table
 from resq_brevitas.viz import plot_accuracy_vs_bops
-
-CALIB_SEED = 7_000
-EVAL_SEED = 9_000
 
 
 def main() -> None:
@@ -50,12 +47,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="fast_hadamard_transform")
     model = load_demo_model()
     cal = resq.LineSearch(candidates=args.candidates, samples=args.calib_samples)
-    n_calib = max(1, math.ceil(args.calib_samples / args.frames))
-    calib = [make_clip(CALIB_SEED + i, frames=args.frames, size=args.size)[0]
-             for i in range(n_calib)]
-    pairs = [make_clip(EVAL_SEED + i, frames=args.frames, size=args.size)
-             for i in range(args.eval_clips)]
-    clips, labels = [v for v, _ in pairs], [lab for _, lab in pairs]
+    calib, clips, labels = demo_clips(args.calib_samples, args.eval_clips, args.frames,
+                                      args.size)
 
     configs = [resq.ResQConfig(s, period=1, calibration=cal)
                for s in ("W8A8", "W6A6", "W5A5", "W4A4")]

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 import warnings
@@ -21,13 +20,10 @@ import warnings
 import torch
 
 import resq_brevitas as resq
-from resq_brevitas.data import make_clip
+from resq_brevitas.demo.clips import demo_clips
 from resq_brevitas.demo.model import NUM_CLASSES, load_demo_model
 from resq_brevitas.evaluation import compare_configs, format_table
 
-# Seeds disjoint from recipes/train_demo.py's training and validation seeds (as the recipe).
-CALIB_SEED = 7_000
-EVAL_SEED = 9_000
 DEFAULT_TAUS = [0.0, 0.03, 0.1, 0.3, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0]
 
 
@@ -54,12 +50,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="fast_hadamard_transform")
     model = load_demo_model()
     calibration = resq.LineSearch(candidates=args.candidates, samples=args.calib_samples)
-    n_calib = max(1, math.ceil(args.calib_samples / args.frames))
-    calib = [make_clip(CALIB_SEED + i, frames=args.frames, size=args.size)[0]
-             for i in range(n_calib)]
-    pairs = [make_clip(EVAL_SEED + i, frames=args.frames, size=args.size)
-             for i in range(args.eval_clips)]
-    clips, labels = [v for v, _ in pairs], [lab for _, lab in pairs]
+    calib, clips, labels = demo_clips(args.calib_samples, args.eval_clips, args.frames,
+                                      args.size)
 
     static = resq.ResQConfig(args.static, period=args.period, calibration=calibration)
     dynamic = [resq.ResQConfig(args.pool, period=args.period, calibration=calibration,

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -42,9 +41,6 @@ from resq_brevitas.evaluation import compare_configs, compare_schemes, format_ta
 DEMO_FRAME_SCHEMES = ["W8A8", "W6A6", "W5A5", "W4A4"]
 DEMO_RESQ_SCHEMES = ["W8A8->W4A4", "W8A8->W8A4"]
 DEMO_PERIODS = [2, 4]
-# Seeds disjoint from recipes/train_demo.py's training and validation seeds.
-DEMO_CALIB_SEED = 7_000
-DEMO_EVAL_SEED = 9_000
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -125,15 +121,12 @@ def _split_items(items: list[Any]) -> tuple[list[torch.Tensor], list[torch.Tenso
 def load_clips(args: argparse.Namespace) -> tuple[list, list, list | None, int | None]:
     """Return ``(calib_clips, eval_clips, eval_labels, num_classes)``."""
     if args.clips is None:
-        from resq_brevitas.data import make_clip
+        from resq_brevitas.demo.clips import demo_clips
         from resq_brevitas.demo.model import NUM_CLASSES
 
-        n_calib = max(1, math.ceil(args.calib_samples / args.frames))
-        calib = [make_clip(DEMO_CALIB_SEED + i, frames=args.frames, size=args.size)[0]
-                 for i in range(n_calib)]
-        pairs = [make_clip(DEMO_EVAL_SEED + i, frames=args.frames, size=args.size)
-                 for i in range(args.eval_clips)]
-        return calib, [v for v, _ in pairs], [lab for _, lab in pairs], NUM_CLASSES
+        calib, eval_clips, labels = demo_clips(args.calib_samples, args.eval_clips, args.frames,
+                                               args.size)
+        return calib, eval_clips, labels, NUM_CLASSES
     folder = Path(args.clips)
     if folder.is_dir():
         from resq_brevitas.data import video_folder_clips
