@@ -340,11 +340,11 @@ def step_graphs(qm: Any, example_frame: Tensor | None = None) -> StepGraphs:
     modules = dict(qm.model.named_modules())
     clone_state = bool(_inplace_ops(source, modules))
     key_helpers: dict[str, nn.Module] = {}
-    keyframe = _keyframe_graph(source, layers, clone_state, all_layers, key_helpers)
+    keyframe = _step_graph(source, layers, None, clone_state, all_layers, key_helpers)
     residual_module = None
     if qm.scheme.residual is not None:
         helpers: dict[str, nn.Module] = {}
-        residual = _residual_graph(source, layers, mode, clone_state, all_layers, helpers)
+        residual = _step_graph(source, layers, mode, clone_state, all_layers, helpers)
         residual_module = fx.GraphModule(_graph_root(qm.model, residual, helpers), residual,
                                          "ResQResidualStep")
     return StepGraphs(
@@ -385,41 +385,17 @@ def _step_outputs(graph: fx.Graph, step: fx.Node) -> tuple[fx.Node, fx.Node, fx.
     return tuple(graph.call_function(operator.getitem, (step, i)) for i in range(3))
 
 
-def _keyframe_graph(source: fx.Graph, layers: list[str], clone_state: bool,
-                    all_layers: dict[str, nn.Module], helpers: dict[str, nn.Module]) -> fx.Graph:
-    graph = fx.Graph()
-    env: dict[fx.Node, Any] = {}
-    state: dict[str, tuple[fx.Node, fx.Node]] = {}
-    wanted = set(layers)
+def _step_graph(source: fx.Graph, layers: list[str], mode: ResidualMode | None,
+                clone_state: bool, all_layers: dict[str, nn.Module],
+                helpers: dict[str, nn.Module]) -> fx.Graph:
+    """The keyframe step graph (``mode is None``) or the residual step graph of ``source``.
 
-    def lookup(n: fx.Node) -> Any:
-        return env[n]
-
-    for node in source.nodes:
-        if node.op == "output":
-            continue
-        if node.op == "call_module" and node.target in wanted:
-            # One leaf per layer: keyframe_step (temporal/step.py) runs the layer and returns
-            # its reference (private copies if a later in-place op could overwrite it).
-            target = f"{KEYFRAME_STEP_PREFIX}.{node.target}"
-            helpers[target] = KeyframeStep(all_layers[node.target], private=clone_state)
-            step = graph.call_module(target, (env[node.args[0]],),
-                                     fx.map_arg(node.kwargs, lookup))
-            z, x_ref, z_ref = _step_outputs(graph, step)
-            env[node] = z
-            state[node.target] = (x_ref, z_ref)
-            continue
-        env[node] = graph.node_copy(node, lookup)
-    outputs = [fx.map_arg(_output_value(source), lookup)]
-    for layer in layers:
-        outputs.extend(state[layer])
-    graph.output(tuple(outputs))
-    graph.lint()
-    return graph
-
-
-def _residual_graph(source: fx.Graph, layers: list[str], mode: ResidualMode, clone_state: bool,
-                    all_layers: dict[str, nn.Module], helpers: dict[str, nn.Module]) -> fx.Graph:
+    Each ResQ call site becomes one leaf: :class:`KeyframeStep` (``keyframe_step``) or
+    :class:`ResidualStep` (``residual_step`` of ``mode``), both from ``temporal/step.py``, which
+    return the layer output and its next references (private copies if a later in-place op could
+    overwrite them). The residual graph takes each layer's ``(x_ref, z_ref)`` as inputs after the
+    frame; both graphs output them after the model output, in ``layers`` order.
+    """
     graph = fx.Graph()
     env: dict[fx.Node, Any] = {}
     refs: dict[str, tuple[fx.Node, fx.Node]] = {}
@@ -431,7 +407,7 @@ def _residual_graph(source: fx.Graph, layers: list[str], mode: ResidualMode, clo
         return env[n]
 
     for node in source.nodes:
-        if node.op == "placeholder":
+        if node.op == "placeholder" and mode is not None:
             if frame_seen:
                 raise ValueError("qm.model must take exactly one input (the frame)")
             env[node] = graph.node_copy(node, lookup)
@@ -442,14 +418,16 @@ def _residual_graph(source: fx.Graph, layers: list[str], mode: ResidualMode, clo
         if node.op == "output":
             continue
         if node.op == "call_module" and node.target in wanted:
-            # One leaf per layer: residual_step (temporal/step.py) computes z_t and the next
-            # references of ``mode``.
             name = node.target
-            target = f"{RESIDUAL_STEP_PREFIX}.{name}"
-            helpers[target] = ResidualStep(all_layers[name], mode, private=clone_state)
-            x_ref, z_ref = refs[name]
-            step = graph.call_module(target, (env[node.args[0]], x_ref, z_ref),
-                                     fx.map_arg(node.kwargs, lookup))
+            if mode is None:
+                target = f"{KEYFRAME_STEP_PREFIX}.{name}"
+                helpers[target] = KeyframeStep(all_layers[name], private=clone_state)
+                args: tuple[Any, ...] = (env[node.args[0]],)
+            else:
+                target = f"{RESIDUAL_STEP_PREFIX}.{name}"
+                helpers[target] = ResidualStep(all_layers[name], mode, private=clone_state)
+                args = (env[node.args[0]], *refs[name])
+            step = graph.call_module(target, args, fx.map_arg(node.kwargs, lookup))
             z, x_next, z_next = _step_outputs(graph, step)
             env[node] = z
             new_refs[name] = (x_next, z_next)
