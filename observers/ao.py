@@ -28,7 +28,6 @@ from .core import LineSearchRangeMixin
 __all__ = ["LineSearchObserver", "resq_qconfig", "unrolled_qconfig_mapping"]
 
 
-
 class LineSearchObserver(LineSearchRangeMixin, UniformQuantizationObserverBase):
     """torch.ao activation observer choosing the range by eq. 8 (see :mod:`.core`).
 
@@ -47,17 +46,7 @@ class LineSearchObserver(LineSearchRangeMixin, UniformQuantizationObserverBase):
         **kwargs: Passed to the torch.ao base class.
     """
 
-    def __init__(self, dtype: torch.dtype = torch.quint8,
-                 qscheme: torch.qscheme = torch.per_tensor_affine, reduce_range: bool = False,
-                 quant_min: int | None = None, quant_max: int | None = None,
-                 factory_kwargs: dict[str, Any] | None = None,
-                 eps: float = torch.finfo(torch.float32).eps, is_dynamic: bool = False,
-                 candidates: int = 20, samples: int = 64, **kwargs: Any) -> None:
-        self._check_observer_args(qscheme, is_dynamic)
-        super().__init__(dtype=dtype, qscheme=qscheme, reduce_range=reduce_range,
-                         quant_min=quant_min, quant_max=quant_max,
-                         factory_kwargs=factory_kwargs, eps=eps, is_dynamic=is_dynamic, **kwargs)
-        self._init_line_search(candidates, samples)
+    default_dtype = torch.quint8
 
 
 def _weight_range(bits: int) -> tuple[int, int]:

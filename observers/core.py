@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -84,9 +85,10 @@ PER_TENSOR_QSCHEMES = (torch.per_tensor_affine, torch.per_tensor_symmetric)
 class LineSearchRangeMixin:
     """Eq. 8 range setting for an observer ``nn.Module`` with ``quant_min``/``quant_max``.
 
-    Subclasses check their arguments with :meth:`_check_observer_args` and call
-    :meth:`_init_line_search` after their base ``__init__``; ``forward``, ``calculate_qparams`` and
-    ``extra_repr`` come from here (the mixin goes first in the bases).
+    Goes first in the bases of an observer class (torch.ao's or torchao's
+    ``UniformQuantizationObserverBase``), which sets ``default_dtype``: ``__init__`` (arguments
+    as :class:`resq_brevitas.observers.LineSearchObserver`), ``forward``, ``calculate_qparams``
+    and ``extra_repr`` come from here.
     """
 
     quant_min: int
@@ -94,14 +96,25 @@ class LineSearchRangeMixin:
     threshold: Tensor
     frozen: Tensor
 
-    @staticmethod
-    def _check_observer_args(qscheme: torch.qscheme, is_dynamic: bool) -> None:
+    #: ``dtype`` when none is given (each binding's backend has its own).
+    default_dtype: torch.dtype
+
+    def __init__(self, dtype: torch.dtype | None = None,
+                 qscheme: torch.qscheme = torch.per_tensor_affine, reduce_range: bool = False,
+                 quant_min: int | None = None, quant_max: int | None = None,
+                 factory_kwargs: dict[str, Any] | None = None,
+                 eps: float = torch.finfo(torch.float32).eps, is_dynamic: bool = False,
+                 candidates: int = 20, samples: int = 64, **kwargs: Any) -> None:
         if qscheme not in PER_TENSOR_QSCHEMES:
             raise ValueError(
                 f"qscheme must be per-tensor {PER_TENSOR_QSCHEMES} for eq. 8, got {qscheme}"
             )
         if is_dynamic:
             raise ValueError("is_dynamic must be False: eq. 8 is a calibration-time search")
+        super().__init__(dtype=self.default_dtype if dtype is None else dtype, qscheme=qscheme,
+                         reduce_range=reduce_range, quant_min=quant_min, quant_max=quant_max,
+                         factory_kwargs=factory_kwargs, eps=eps, is_dynamic=is_dynamic, **kwargs)
+        self._init_line_search(candidates, samples)
 
     def forward(self, x_orig: Tensor) -> Tensor:
         """Keep samples for the search (nothing once frozen); returns the input unchanged."""

@@ -40,7 +40,6 @@ from .core import LineSearchRangeMixin
 __all__ = ["PT2ELineSearchObserver", "ResQQuantizer", "resq_pt2e_quantizer"]
 
 
-
 class PT2ELineSearchObserver(LineSearchRangeMixin, UniformQuantizationObserverBase):
     """torchao pt2e activation observer choosing the range by eq. 8 (see :mod:`.core`).
 
@@ -48,17 +47,7 @@ class PT2ELineSearchObserver(LineSearchRangeMixin, UniformQuantizationObserverBa
     ``torch.int8`` (pt2e's q/dq ops take plain integer dtypes).
     """
 
-    def __init__(self, dtype: torch.dtype = torch.int8,
-                 qscheme: torch.qscheme = torch.per_tensor_affine, reduce_range: bool = False,
-                 quant_min: int | None = None, quant_max: int | None = None,
-                 factory_kwargs: dict[str, Any] | None = None,
-                 eps: float = torch.finfo(torch.float32).eps, is_dynamic: bool = False,
-                 candidates: int = 20, samples: int = 64, **kwargs: Any) -> None:
-        self._check_observer_args(qscheme, is_dynamic)
-        super().__init__(dtype=dtype, qscheme=qscheme, reduce_range=reduce_range,
-                         quant_min=quant_min, quant_max=quant_max,
-                         factory_kwargs=factory_kwargs, eps=eps, is_dynamic=is_dynamic, **kwargs)
-        self._init_line_search(candidates, samples)
+    default_dtype = torch.int8
 
 
 def _specs(act_bits: int, weight_bits: int, qat: bool, weight_granularity: str,
