@@ -71,6 +71,19 @@ def make_clip(batch: int = 2, frames: int = 12, channels: int = 3, size: int = 1
     return base + drift
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module's small tensor work on one thread.
+
+    The workloads are tiny, so a second thread buys nothing, while an OpenMP pool on a busy
+    shared machine can make them tens of times slower. The previous setting is restored.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def all_layers_net() -> AllLayersNet:
     return make_all_layers_net()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -25,17 +24,7 @@ from resq_brevitas.metrics import confusion_matrix, miou, sqnr_db
 HELD_OUT_SEED = 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Run this module's small tensor work on one thread.
-
-    The workloads here are tiny, so a second thread buys nothing, while an OpenMP pool on a
-    busy shared machine can make them tens of times slower.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _psnr01(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -73,13 +73,7 @@ def build(net_class: type[nn.Module] = StreamNet, scheme: str = SCHEME,
     return qm.eval()  # deployment semantics: BatchNorm (unfolded in CheckedNet) uses running stats
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Two cores shared with other jobs: intra-op threads only add contention for tiny tensors.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

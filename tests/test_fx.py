@@ -95,12 +95,7 @@ def run_steps(steps, video: torch.Tensor, period: int) -> torch.Tensor:
     return torch.stack(outputs, 1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ from resq_brevitas.observers import (
     resq_qconfig,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def outlier_tensor() -> torch.Tensor:
