@@ -27,8 +27,8 @@ import torch
 import resq_brevitas as resq
 from resq_brevitas.demo.clips import demo_clips
 from resq_brevitas.demo.model import NUM_CLASSES, load_demo_model
-from resq_brevitas.evaluation import compare_configs, format_table
-from resq_brevitas.viz import plot_accuracy_vs_bops
+from resq_brevitas.experiments.evaluation import compare_configs, format_table
+from resq_brevitas.experiments.figures import plot_accuracy_vs_bops
 
 
 def main() -> None:

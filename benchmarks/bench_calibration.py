@@ -21,8 +21,8 @@ def _child(samples: int, size: int, candidates: int) -> None:
     import torch
 
     import resq_brevitas as resq
-    from resq_brevitas.data import make_clip
     from resq_brevitas.demo.model import load_demo_model
+    from resq_brevitas.demo.synthetic import make_clip
 
     torch.set_num_threads(2)
     frames = 16

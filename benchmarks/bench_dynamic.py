@@ -22,7 +22,7 @@ import torch
 import resq_brevitas as resq
 from resq_brevitas.demo.clips import demo_clips
 from resq_brevitas.demo.model import NUM_CLASSES, load_demo_model
-from resq_brevitas.evaluation import compare_configs, format_table
+from resq_brevitas.experiments.evaluation import compare_configs, format_table
 
 DEFAULT_TAUS = [0.0, 0.03, 0.1, 0.3, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0]
 

@@ -19,8 +19,8 @@ from brevitas.graph.base import ModuleInstanceToModuleInstance
 from torch import nn
 
 import resq_brevitas as resq
-from resq_brevitas.data import make_clip
 from resq_brevitas.demo.model import load_demo_model
+from resq_brevitas.demo.synthetic import make_clip
 from resq_brevitas.quant import act_quant, weight_quant
 from resq_brevitas.quant.line_search import act_threshold, set_act_threshold
 

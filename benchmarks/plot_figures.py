@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 import resq_brevitas as resq
-from resq_brevitas.data import make_clip
 from resq_brevitas.demo.clips import CALIB_SEED, EVAL_SEED
 from resq_brevitas.demo.model import load_demo_model
-from resq_brevitas.evaluation import layer_statistics
-from resq_brevitas.viz import plot_bit_maps, plot_layer_statistics
+from resq_brevitas.demo.synthetic import make_clip
+from resq_brevitas.experiments.evaluation import layer_statistics
+from resq_brevitas.experiments.figures import plot_bit_maps, plot_layer_statistics
 
 
 def main() -> None:

@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from resq_brevitas.config import ErrorBoundPolicy, LineSearch, ResQConfig, Scheme
-from resq_brevitas.evaluation import compare_configs, compare_schemes, format_table, load_object
+from resq_brevitas.config import ErrorBoundPolicy, LineSearch, ResQConfig, Scheme, load_object
+from resq_brevitas.experiments.evaluation import compare_configs, compare_schemes, format_table
 
 DEMO_FRAME_SCHEMES = ["W8A8", "W6A6", "W5A5", "W4A4"]
 DEMO_RESQ_SCHEMES = ["W8A8->W4A4", "W8A8->W8A4"]
@@ -129,7 +129,7 @@ def load_clips(args: argparse.Namespace) -> tuple[list, list, list | None, int |
         return calib, eval_clips, labels, NUM_CLASSES
     folder = Path(args.clips)
     if folder.is_dir():
-        from resq_brevitas.data import video_folder_clips
+        from resq_brevitas.experiments.video_io import video_folder_clips
 
         clips = video_folder_clips(folder, frames_per_clip=args.frames, size=args.size)
         return clips, clips, None, None
@@ -182,7 +182,7 @@ def figure_config(configs: list[ResQConfig]) -> ResQConfig:
 def write_bit_map_figure(maps: dict, clip: torch.Tensor, config: ResQConfig,
                          out: Path) -> list[Path]:
     try:
-        from resq_brevitas.viz import plot_bit_maps
+        from resq_brevitas.experiments.figures import plot_bit_maps
 
         title = (f"Dynamic-ResQ {config.scheme} T={config.period} tau={config.policy.tau:g}: "
                  "bits per pixel")
@@ -203,7 +203,7 @@ def write_outputs(rows: list, out: Path) -> list[Path]:
         writer.writerows(data)
     written += [out / "results.json", out / "results.csv"]
     try:
-        from resq_brevitas.viz import plot_accuracy_vs_bops
+        from resq_brevitas.experiments.figures import plot_accuracy_vs_bops
 
         written.append(plot_accuracy_vs_bops(rows, out / "accuracy_vs_bops.png"))
     except ImportError as err:
@@ -216,8 +216,8 @@ def export_first_scheme(model: torch.nn.Module, configs: list[tuple[str, int]], 
     """Calibrate the first ResQ config (else the first config) again and export it."""
     from resq_brevitas.calibrate import calibrate
     from resq_brevitas.convert import convert
-    from resq_brevitas.evaluation import clip_batches
-    from resq_brevitas.export import export_artifacts
+    from resq_brevitas.deploy import export_artifacts
+    from resq_brevitas.experiments.evaluation import clip_batches
 
     if not configs:
         raise SystemExit("--export needs a static scheme (e.g. --scheme 'W8A8->W4A4')")

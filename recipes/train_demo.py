@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from resq_brevitas.data import SyntheticVideoDataset
 from resq_brevitas.demo.model import FRAME_SIZE, NUM_CLASSES, DemoSegNet
-from resq_brevitas.metrics import miou
+from resq_brevitas.demo.synthetic import SyntheticVideoDataset
+from resq_brevitas.experiments.metrics import miou
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "resq_brevitas" / "demo" / "segnet.pt"
 

@@ -9,11 +9,12 @@ Typical use::
     print(qm.last_cost)      # BOPs per layer and frame
 """
 
-from resq_brevitas.calibrate import calibrate
+from resq_brevitas.calibrate import activation_ranges, calibrate, copy_ranges, set_activation_ranges
 from resq_brevitas.config import (
     ErrorBoundPolicy,
     ErrorBudgetRefresh,
     FixedPeriodRefresh,
+    LayerOverride,
     LineSearch,
     Precision,
     ResQConfig,
@@ -21,29 +22,36 @@ from resq_brevitas.config import (
     Scheme,
 )
 from resq_brevitas.convert import convert
-from resq_brevitas.cost import CostReport, LayerCost, count_bops, count_macs
-from resq_brevitas.export import export
+from resq_brevitas.cost import count_bops, count_macs
+from resq_brevitas.deploy.onnx_export import export
+from resq_brevitas.nn.cost import CostReport, LayerCost
+from resq_brevitas.nn.layers import DEFAULT_LAYER_MAP
 from resq_brevitas.quant.control import quantization_disabled
 from resq_brevitas.temporal.model import ResQModel
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_LAYER_MAP",
     "CostReport",
     "ErrorBoundPolicy",
     "ErrorBudgetRefresh",
     "FixedPeriodRefresh",
     "LayerCost",
+    "LayerOverride",
     "LineSearch",
     "Precision",
     "ResQConfig",
     "ResQModel",
     "SceneCutRefresh",
     "Scheme",
+    "activation_ranges",
     "calibrate",
     "convert",
+    "copy_ranges",
     "count_bops",
     "count_macs",
     "export",
     "quantization_disabled",
+    "set_activation_ranges",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -20,9 +21,13 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from resq_brevitas.nn.layers import RESQ_LAYER_FOR, is_resq_layer
+from resq_brevitas.nn.layers import DEFAULT_LAYER_MAP, is_resq_layer
 
-__all__ = ["BN_TYPES", "conv_bn_pairs_fx", "conv_bn_pairs_eager", "fold_batch_norms"]
+__all__ = ["BN_TYPES", "LayerMap", "conv_bn_pairs_fx", "conv_bn_pairs_eager",
+           "fold_batch_norms", "warn_unfolded"]
+
+#: ``float class -> ResQ class``, as :data:`resq_brevitas.nn.DEFAULT_LAYER_MAP`.
+LayerMap = Mapping[type[nn.Module], type[nn.Module]]
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Tensor queries that read metadata only: they do not consume the layer output.
@@ -31,11 +36,15 @@ _METADATA_FUNCS = frozenset(
 )
 
 
-def _is_producer(module: nn.Module) -> bool:
-    return type(module) in RESQ_LAYER_FOR or is_resq_layer(module)
+def _resq_class(module: nn.Module, layer_map: LayerMap) -> type[nn.Module] | None:
+    """The ResQ class that defines ``module``'s axes (itself for a ResQ layer), else ``None``."""
+    if is_resq_layer(module):
+        return type(module)
+    return layer_map.get(type(module))
 
 
-def conv_bn_pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
+def conv_bn_pairs_fx(model: nn.Module, layer_map: LayerMap = DEFAULT_LAYER_MAP
+                     ) -> list[tuple[str, str]]:
     """``(layer, batchnorm)`` name pairs found on a ``torch.fx`` trace.
 
     Raises:
@@ -54,13 +63,15 @@ def conv_bn_pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
         producer = node.args[0]
         if not (isinstance(producer, torch.fx.Node) and producer.op == "call_module"):
             continue
-        if (_is_producer(modules[producer.target]) and len(producer.users) == 1
+        if (_resq_class(modules[producer.target], layer_map) is not None
+                and len(producer.users) == 1
                 and calls[producer.target] == 1 and calls[node.target] == 1):
             pairs.append((producer.target, node.target))
     return pairs
 
 
-def conv_bn_pairs_eager(model: nn.Module, example: Any) -> list[tuple[str, str]]:
+def conv_bn_pairs_eager(model: nn.Module, example: Any,
+                        layer_map: LayerMap = DEFAULT_LAYER_MAP) -> list[tuple[str, str]]:
     """``(layer, batchnorm)`` name pairs found by running ``model(example)`` once.
 
     Each call of a leaf module (a supported layer, a BatchNorm, or a module without children) is
@@ -69,8 +80,10 @@ def conv_bn_pairs_eager(model: nn.Module, example: Any) -> list[tuple[str, str]]
     BatchNorm call is that output's only consumer.
     """
     modules = dict(model.named_modules())
+    producers = {name for name, m in modules.items() if _resq_class(m, layer_map) is not None}
     leaves = {name for name, m in modules.items()
-              if _is_producer(m) or isinstance(m, BN_TYPES) or not any(True for _ in m.children())}
+              if name in producers or isinstance(m, BN_TYPES)
+              or not any(True for _ in m.children())}
     counter = itertools.count()
     stack: list[str] = []
     produced: dict[int, str] = {}
@@ -98,7 +111,7 @@ def conv_bn_pairs_eager(model: nn.Module, example: Any) -> list[tuple[str, str]]
     def post_hook(name: str):
         def hook(module: nn.Module, args: tuple, out: Any) -> None:
             stack.pop()
-            if not stack and _is_producer(module) and isinstance(out, Tensor):
+            if not stack and name in producers and isinstance(out, Tensor):
                 produced[id(out)] = name
                 alive.append(out)
         return hook
@@ -134,26 +147,32 @@ def conv_bn_pairs_eager(model: nn.Module, example: Any) -> list[tuple[str, str]]
     return pairs
 
 
-def fold_batch_norms(model: nn.Module, example: Any = None) -> list[str] | None:
+def fold_batch_norms(model: nn.Module, example: Any = None,
+                     layer_map: LayerMap = DEFAULT_LAYER_MAP) -> list[str] | None:
     """Fold every BatchNorm that directly and exclusively follows a supported layer.
+
+    The fold axis is the layer class's own (:meth:`~resq_brevitas.nn.ResQLayerMixin.
+    bn_fold_axis`: the weight's output-channel dim), so a user-registered layer type folds
+    along its axis; a layer that cannot take a per-channel scale keeps its BatchNorm.
 
     Args:
         model: Modified in place (float or converted).
         example: An example input; used only when ``torch.fx`` cannot trace the model.
+        layer_map: The layer map that says which float layers are supported, and their axes.
 
     Returns:
         Names of the folded BatchNorm layers, or ``None`` when the model could not be traced and
         no ``example`` was given (the caller may retry with one).
     """
     try:
-        pairs = conv_bn_pairs_fx(model)
+        pairs = conv_bn_pairs_fx(model, layer_map)
     except Exception:  # tracing arbitrary user code can fail in many ways; fall back to eager
         if example is None:
             return None
         was_training = model.training
         model.eval()
         try:
-            pairs = conv_bn_pairs_eager(model, example)
+            pairs = conv_bn_pairs_eager(model, example, layer_map)
         finally:
             model.train(was_training)
     modules = dict(model.named_modules())
@@ -162,10 +181,12 @@ def fold_batch_norms(model: nn.Module, example: Any = None) -> list[str] | None:
         layer, bn = modules[layer_name], modules[bn_name]
         if bn.running_mean is None:
             continue
-        transposed = isinstance(layer, nn.ConvTranspose2d)
-        if transposed and layer.groups != 1:
-            continue  # grouped transposed weights interleave output channels: keep the BN
-        merge_bn(layer, bn, output_channel_dim=1 if transposed else 0)
+        resq_class = _resq_class(layer, layer_map)
+        assert resq_class is not None
+        axis = resq_class.bn_fold_axis(layer)
+        if axis is None:
+            continue  # e.g. grouped transposed weights interleave output channels: keep the BN
+        merge_bn(layer, bn, output_channel_dim=axis)
         ModuleInstanceToModuleInstance(bn, nn.Identity()).apply(model)
         folded.append(bn_name)
     return folded

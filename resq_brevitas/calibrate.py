@@ -1,44 +1,63 @@
 """``calibrate``: set every activation range of a :class:`ResQModel` with the line search (eq. 8).
 
-Keyframe quantizers are calibrated on frame inputs, residual quantizers on residuals with respect
-to the keyframe, each with its own quantized weight. The model runs in floating point with its
-temporal decomposition (:func:`quantization_disabled`) in two streaming passes over the same
-``c`` frames: pass 1 reduces min/max, pass 2 accumulates the per-candidate output SSE. Memory does
-not grow with ``c``; under ``torch.distributed`` both reductions are all-reduced.
+Each layer says what to calibrate (:meth:`~resq_brevitas.nn.ResQLayerMixin.calibration_targets`):
+the keyframe quantizer on frame inputs, the residual quantizer (or each quantizer of a
+Dynamic-ResQ pool) on residuals with respect to the keyframe, each scored with its own quantized
+weight. The model runs in floating point with its temporal decomposition
+(:func:`quantization_disabled`) in two streaming passes over the same ``c`` frames: pass 1
+reduces min/max, pass 2 accumulates the per-candidate output SSE. Memory does not grow with
+``c``; under ``torch.distributed`` both reductions are all-reduced.
 
-Dynamic-ResQ: every quantizer of a residual pool is calibrated on the same residuals like the
-static one (eq. 8 at its own bit width). RRM's error-budget refresh: after the ranges are set, a
-third pass runs the quantized model on the same frames (fixed schedule) and fits RRM eq. 8's
-polynomial from each stream's accumulated truncated energy to its relative output error against
-the keyframe path (what a refresh would give on that frame).
+Refresh triggers that need fitting (RRM's error budget, whose eq. 8 polynomial was not given)
+are fitted afterwards on the same frames (:meth:`~resq_brevitas.policy.refresh.
+ErrorBudgetTrigger.fit`).
+
+Ranges can be read, set and copied between models (:func:`activation_ranges`,
+:func:`set_activation_ranges`, :func:`copy_ranges`): keyframe ranges do not depend on the period
+or the residual scheme, so a sweep calibrates them once.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from resq_brevitas.bn_fold import fold_batch_norms, warn_unfolded
-from resq_brevitas.config import ErrorBudgetRefresh, LineSearch
-from resq_brevitas.policy.refresh import fit_error_polynomial, relative_output_error
+from resq_brevitas.checks import check_frame
+from resq_brevitas.config import LineSearch
+from resq_brevitas.nn.residual import CalibrationTarget, value_of
 from resq_brevitas.quant.control import quantization_disabled
 from resq_brevitas.quant.line_search import (
     StreamingLineSearch,
+    act_threshold,
+    distributed_initialized,
     set_act_threshold,
 )
-from resq_brevitas.quant.line_search import (
-    distributed_initialized as _distributed,
-)
+from resq_brevitas.temporal.context import Observer
 from resq_brevitas.temporal.model import ResQModel
 
-__all__ = ["calibrate", "iter_clip_frames", "fit_refresh_polynomial"]
+__all__ = [
+    "PATHS",
+    "activation_ranges",
+    "calibrate",
+    "copy_ranges",
+    "iter_clip_frames",
+    "set_activation_ranges",
+]
+
+#: The quantizer paths: keyframe (calibrated on frame inputs) and residual (on residuals).
+PATHS = ("keyframe", "residual")
+# Observer kinds of each path's inputs (see resq_brevitas.temporal.context.Observer).
+_OBSERVED = {"keyframe": "frame", "residual": "residual"}
 
 
 def _as_batched_clip(clip: object, index: int) -> Tensor:
+    if isinstance(clip, (tuple, list)) and clip and isinstance(clip[0], Tensor):
+        clip = clip[0]  # a (clip, labels) pair from a DataLoader
     if not isinstance(clip, Tensor):
         raise TypeError(f"clips[{index}] must be a torch.Tensor, got {type(clip).__name__}")
     if clip.dim() == 4:  # [T, C, H, W]: one unbatched image clip
@@ -50,9 +69,12 @@ def _as_batched_clip(clip: object, index: int) -> Tensor:
     return clip
 
 
-def iter_clip_frames(qm: ResQModel, clips: Iterable[Tensor], samples: int
+def iter_clip_frames(qm: ResQModel, clips: Iterable[Any], samples: int
                      ) -> Iterator[tuple[bool, Tensor]]:
-    """Yield ``(starts_clip, frame)`` until ``samples`` frames (counted per batch row) were seen."""
+    """Yield ``(starts_clip, frame)`` until ``samples`` frames (counted per batch row) were seen.
+
+    Every frame is validated against the model (rank, channels, finite values).
+    """
     seen = 0
     for index, clip in enumerate(clips):
         clip = _as_batched_clip(clip, index)
@@ -60,36 +82,32 @@ def iter_clip_frames(qm: ResQModel, clips: Iterable[Tensor], samples: int
             if seen >= samples:
                 return
             frame = clip[:, t]
+            check_frame(frame, "calibration frame", qm.input_spec)
             yield t == 0, frame
             seen += frame.shape[0]
     if seen == 0:
         raise ValueError("clips must contain at least one frame, got none")
 
 
-def _run_pass(qm: ResQModel, clips: Iterable[Tensor], samples: int,
-              observer: Callable[[str, str, Tensor], None], desc: str, progress: bool) -> None:
+def _run_pass(qm: ResQModel, clips: Iterable[Any], samples: int, observer: Observer,
+              desc: str, progress: bool) -> None:
     bar = tqdm(total=samples, desc=desc, disable=not progress, leave=False)
     try:
         for starts_clip, frame in iter_clip_frames(qm, clips, samples):
             if starts_clip:
                 qm.reset()
-            qm.check_frame(frame, name="calibration frame")
-            qm.run_step(frame, detach=True, observer=observer, adaptive=False)
+            qm.run_frame(frame, adaptive=False, observer=observer)
             bar.update(frame.shape[0])
     finally:
         bar.close()
         qm.reset()
 
 
-_PATHS = ("keyframe", "residual")
-
-
-def _fold_on_first_frame(qm: ResQModel, clips: Iterable[Tensor]) -> None:
+def _fold_on_first_frame(qm: ResQModel, clips: Iterable[Any]) -> None:
     first = next(iter_clip_frames(qm, clips, 1))[1]
-    qm.check_frame(first, name="calibration frame")
     try:
         with quantization_disabled(qm):
-            folded = fold_batch_norms(qm.model, first)
+            folded = fold_batch_norms(qm.model, first, layer_map=qm.layer_map)
     except Exception as err:  # the eager trace runs user code: report, keep BN in float
         warn_unfolded(qm.model, f"the eager trace failed ({err})")
     else:
@@ -98,20 +116,45 @@ def _fold_on_first_frame(qm: ResQModel, clips: Iterable[Tensor]) -> None:
     qm.bn_fold_pending = False
 
 
-def calibrate(qm: ResQModel, clips: Iterable[Tensor], *, samples: int | None = None,
-              candidates: int | None = None, paths: Collection[str] = _PATHS,
+def _targets(qm: ResQModel, paths: Collection[str]) -> dict[tuple[str, str, int],
+                                                           CalibrationTarget]:
+    """Every target to calibrate, keyed ``(layer, path, slot)``."""
+    found = {}
+    for name, layer in qm.resq_layers():
+        for target in layer.calibration_targets():
+            # period 1 never runs residuals: there is nothing to calibrate them on
+            if target.path in paths and (target.path == "keyframe" or qm.period > 1):
+                found[(name, target.path, target.slot)] = target
+    return found
+
+
+def _check_clips(clips: Any) -> None:
+    if clips is None or isinstance(clips, Tensor) or not isinstance(clips, Iterable):
+        raise TypeError(
+            "clips must be a re-iterable collection of clip tensors (e.g. a list), "
+            f"got {type(clips).__name__}"
+        )
+    if iter(clips) is clips:
+        raise TypeError(
+            "clips must be re-iterable (it is read twice): pass a list or a Dataset, "
+            f"not a one-shot {type(clips).__name__}"
+        )
+
+
+def calibrate(qm: ResQModel, clips: Iterable[Any], *, samples: int | None = None,
+              candidates: int | None = None, paths: Collection[str] = PATHS,
               progress: bool = True) -> ResQModel:
     """Calibrate all activation ranges of ``qm`` in place (eq. 8, streaming).
 
     Args:
         qm: A model from :func:`resq_brevitas.convert`.
         clips: A re-iterable collection (list, Dataset-like, DataLoader without shuffling) of
-            clips ``[T, C, H, W]`` or ``[B, T, C, ...]``; it is read twice, in the same order.
+            clips ``[T, C, H, W]`` or ``[B, T, C, ...]`` (or ``(clip, labels)`` pairs); it is read
+            twice, in the same order.
         samples: Calibration frames ``c`` (default: ``qm.config.calibration.samples``).
         candidates: Line-search points ``r`` (default: ``qm.config.calibration.candidates``).
         paths: Which quantizers to calibrate: ``"keyframe"`` (on frame inputs) and/or
-            ``"residual"`` (on residuals). Keyframe ranges do not depend on the period or the
-            residual scheme, so a sweep can calibrate them once and copy them.
+            ``"residual"`` (on residuals).
         progress: Show tqdm progress bars.
 
     Returns:
@@ -123,63 +166,27 @@ def calibrate(qm: ResQModel, clips: Iterable[Tensor], *, samples: int | None = N
     """
     if not isinstance(qm, ResQModel):
         raise TypeError(f"qm must be a ResQModel (from resq.convert), got {type(qm).__name__}")
-    if clips is None or isinstance(clips, Tensor) or not isinstance(clips, Iterable):
-        raise TypeError(
-            "clips must be a re-iterable collection of clip tensors (e.g. a list), "
-            f"got {type(clips).__name__}"
-        )
-    if iter(clips) is clips:
-        raise TypeError(
-            "clips must be re-iterable (it is read twice): pass a list or a Dataset, "
-            f"not a one-shot {type(clips).__name__}"
-        )
-    if isinstance(paths, str) or not set(paths) <= set(_PATHS) or not paths:
-        raise ValueError(f"paths must be a non-empty subset of {_PATHS}, got {paths!r}")
+    _check_clips(clips)
+    if isinstance(paths, str) or not set(paths) <= set(PATHS) or not paths:
+        raise ValueError(f"paths must be a non-empty subset of {PATHS}, got {paths!r}")
     settings = LineSearch(
         candidates=candidates if candidates is not None else qm.config.calibration.candidates,
         samples=samples if samples is not None else qm.config.calibration.samples,
     )
     if qm.bn_fold_pending:
         _fold_on_first_frame(qm, clips)
-    scheme = qm.scheme
     layers = dict(qm.resq_layers())
-    # One line search per (layer, kind, quantizer): the keyframe quantizer on frame inputs, the
-    # residual quantizer (or each pool quantizer) on residuals.
-    searches: dict[tuple[str, str, int], StreamingLineSearch] = {}
-    weights: dict[tuple[str, str, int], tuple[Tensor, Tensor]] = {}
-    proxies: dict[tuple[str, str, int], torch.nn.Module] = {}
-    for name, layer in layers.items():
-        todo: list[tuple[str, int, int | None, torch.nn.Module, torch.nn.Module]] = []
-        if "keyframe" in paths:
-            bits = scheme.keyframe.act_bits[0] if scheme.keyframe.act_bits else None
-            todo.append(("frame", 0, bits, layer, layer.input_quant))
-        # period 1 never runs residuals: nothing to calibrate them on
-        if "residual" in paths and scheme.residual is not None and qm.period > 1:
-            if layer.residual_pool is not None:
-                for i, (bits, quant) in enumerate(zip(layer.pool_bits, layer.residual_pool)):
-                    todo.append(("residual", i, bits, layer.residual, quant.act_quant))
-            else:
-                res_bits = scheme.residual.act_bits[0] if scheme.residual.act_bits else None
-                todo.append(("residual", 0, res_bits, layer.residual,
-                             layer.residual.input_quant))
-        for kind, slot, bits, path, proxy in todo:
-            if not bits:  # fp32 or 0-bit: nothing to search
-                continue
-            searches[(name, kind, slot)] = StreamingLineSearch(bits, settings.candidates)
-            with torch.no_grad():
-                qweight = path.quant_weight()
-            qweight = getattr(qweight, "value", qweight).detach()
-            weights[(name, kind, slot)] = (layer.weight.detach(), qweight)
-            proxies[(name, kind, slot)] = proxy
+    targets = _targets(qm, paths)
+    searches = {key: StreamingLineSearch(t.bits, settings.candidates)
+                for key, t in targets.items()}
+    with torch.no_grad():
+        weights = {key: (layers[key[0]].weight.detach(), value_of(t.view.quant_weight()).detach())
+                   for key, t in targets.items()}
     by_input: dict[tuple[str, str], list[tuple[str, str, int]]] = {}
     for key in searches:
-        by_input.setdefault(key[:2], []).append(key)
-    budget = qm.config.refresh_of(ErrorBudgetRefresh)
-    fit_refresh = (budget is not None and budget.coefficients is None and "residual" in paths
-                   and qm.period > 1)
-    if not searches and not fit_refresh:
-        qm.calibrated = True
-        return qm
+        by_input.setdefault((key[0], _OBSERVED[key[1]]), []).append(key)
+    fits = [t for t in qm.refresh_triggers if getattr(t, "needs_fit", False)]
+    fit_refresh = bool(fits) and "residual" in paths and qm.period > 1
 
     def observe_range(name: str, kind: str, x: Tensor) -> None:
         for key in by_input.get((name, kind), ()):
@@ -199,20 +206,20 @@ def calibrate(qm: ResQModel, clips: Iterable[Tensor], *, samples: int | None = N
                           progress)
                 _run_pass(qm, clips, settings.samples, accumulate, "calibration line search",
                           progress)
-            unseen = [f"{name} ({kind})" for (name, kind, _), s in searches.items()
+            unseen = [f"{name} ({_OBSERVED[path]})" for (name, path, _), s in searches.items()
                       if not s.observed]
-            if unseen and not _distributed():
+            if unseen and not distributed_initialized():
                 raise ValueError(
                     f"calibration clips never reached these layer inputs: {', '.join(unseen)}; "
                     "residual quantizers need clips of at least 2 frames"
                 )
             for key, search in searches.items():
                 threshold, _, _ = search.result()
-                set_act_threshold(proxies[key], threshold)
+                set_act_threshold(targets[key].proxy, threshold)
         if fit_refresh:
-            assert budget is not None
-            qm.error_polynomial = fit_refresh_polynomial(qm, clips, settings.samples,
-                                                         budget.degree, progress)
+            for trigger in fits:
+                trigger.fit(qm, iter_clip_frames(qm, clips, settings.samples),
+                            settings.samples, progress)
     finally:
         for module, mode in modes:
             module.training = mode
@@ -221,48 +228,59 @@ def calibrate(qm: ResQModel, clips: Iterable[Tensor], *, samples: int | None = N
     return qm
 
 
-def fit_refresh_polynomial(qm: ResQModel, clips: Iterable[Tensor], samples: int,
-                           degree: int = 4, progress: bool = False) -> tuple[float, ...]:
-    """Fit RRM eq. 8's polynomial on calibration clips (the model's ranges must be set).
+def _range_key(name: str, path: str, slot: int) -> str:
+    return f"{name}/{path}/{slot}"
 
-    Each calibration frame runs through the quantized model with the fixed keyframe schedule;
-    every stream contributes the pair (accumulated truncated energy since its keyframe, RRM eq. 7;
-    relative error of the model output against the keyframe path on the same frame).
+
+def activation_ranges(qm: ResQModel, paths: Collection[str] = PATHS) -> dict[str, float]:
+    """The calibrated thresholds ``max(r_max, -r_min)`` of ``qm``'s activation quantizers.
 
     Args:
-        qm: The model; its state is reset afterwards.
-        clips: Calibration clips (as for :func:`calibrate`).
-        samples: Frames to use (per batch row, across clips).
-        degree: Polynomial degree.
-        progress: Show a progress bar.
+        qm: A ResQ model.
+        paths: ``"keyframe"`` and/or ``"residual"``.
 
     Returns:
-        ``(c_1, ..., c_degree)`` (zeros, with a warning, when nothing was truncated).
+        ``"layer/path/slot" -> threshold`` (JSON-serialisable).
     """
-    energies: list[Tensor] = []
-    errors: list[Tensor] = []
-    bar = tqdm(total=samples, desc="calibration refresh fit", disable=not progress, leave=False)
-    try:
-        with torch.no_grad():
-            for starts_clip, frame in iter_clip_frames(qm, clips, samples):
-                if starts_clip:
-                    qm.reset()
-                qm.check_frame(frame, name="calibration frame")
-                out, _ = qm.run_step(frame, detach=True, adaptive=False)
-                # Layers have no temporal slot outside a step: this is the keyframe path.
-                reference = qm.model(frame)
-                assert qm._truncation is not None
-                energies.append(qm._truncation.clone())
-                errors.append(relative_output_error(out, reference))
-                bar.update(frame.shape[0])
-    finally:
-        bar.close()
-        qm.reset()
-    energy = torch.cat(energies)
-    if not bool((energy > 0).any()):
-        warnings.warn(
-            "ErrorBudgetRefresh: the calibration clips truncated nothing (threshold too small or "
-            "clips static); the fitted polynomial is zero and the refresh never fires",
-            stacklevel=3,
-        )
-    return fit_error_polynomial(energy, torch.cat(errors), degree)
+    if not isinstance(qm, ResQModel):
+        raise TypeError(f"qm must be a ResQModel, got {type(qm).__name__}")
+    return {_range_key(*key): act_threshold(target.proxy)
+            for key, target in _targets(qm, paths).items()}
+
+
+def set_activation_ranges(qm: ResQModel, ranges: Mapping[str, float]) -> None:
+    """Set thresholds from :func:`activation_ranges` (of this or an equally built model).
+
+    Raises:
+        ValueError: A key that names no activation quantizer of ``qm``.
+    """
+    targets = {_range_key(*key): t for key, t in _targets(qm, PATHS).items()}
+    unknown = sorted(set(ranges) - set(targets))
+    if unknown:
+        raise ValueError(f"ranges name quantizers qm does not have: {unknown}")
+    for key, threshold in ranges.items():
+        set_act_threshold(targets[key].proxy, float(threshold))
+
+
+def copy_ranges(source: ResQModel, target: ResQModel,
+                paths: Collection[str] = ("keyframe",)) -> ResQModel:
+    """Copy calibrated ranges from ``source`` to ``target`` (e.g. keyframe ranges across a sweep
+    of periods or residual schemes with the same keyframe precision).
+
+    ``target`` counts as calibrated afterwards when every one of its quantizers got a range (a
+    frame-quantization target needs only keyframe ranges).
+
+    Returns:
+        ``target``.
+
+    Raises:
+        ValueError: If the two models' layers or the copied quantizers' bit widths differ.
+    """
+    src, dst = _targets(source, paths), _targets(target, paths)
+    mismatched = sorted(_range_key(*k) for k in dst if k not in src or src[k].bits != dst[k].bits)
+    if mismatched:
+        raise ValueError(f"source has no quantizer of the same bits for {mismatched}")
+    set_activation_ranges(target, {_range_key(*k): act_threshold(src[k].proxy) for k in dst})
+    if set(_targets(target, PATHS)) <= set(dst):
+        target.calibrated = True
+    return target

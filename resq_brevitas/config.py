@@ -1,4 +1,11 @@
-"""Configuration: the scheme notation, :class:`ResQConfig` and calibration settings.
+"""Configuration: the scheme notation, :class:`ResQConfig` and the policy settings.
+
+Everything here is typed, frozen, serialisable data (:meth:`ResQConfig.to_dict` /
+:meth:`ResQConfig.from_dict`); behaviour lives elsewhere. A policy or refresh setting names the
+class that implements it in its ``implementation`` attribute (``"package.module:Class"``), and
+:func:`resq_brevitas.policy.build_policy` / :func:`resq_brevitas.policy.build_refresh` map a
+setting to that class: there is no registry, so a new policy is its settings class, its
+implementation and its tests, in any package.
 
 The notation follows the ResQ paper: ``"W8A8->W4A4"`` reads "keyframes at 8-bit weights and
 activations, residual frames at 4-bit weights and activations". A single precision (``"W4A4"``)
@@ -8,30 +15,45 @@ activation bit widths (``"W8A8->W8A{0,4,8}"``) is the Dynamic-ResQ notation.
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import fnmatch
+import importlib
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Union
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Literal
+
+from resq_brevitas.checks import check_bool, check_choice, check_int, check_period, check_real
 
 __all__ = [
+    "CONFIG_VERSION",
     "MAX_BITS",
-    "Precision",
-    "Scheme",
-    "LineSearch",
     "ErrorBoundPolicy",
-    "FixedPeriodRefresh",
     "ErrorBudgetRefresh",
-    "SceneCutRefresh",
-    "RefreshPolicy",
+    "FixedPeriodRefresh",
+    "LayerOverride",
+    "LineSearch",
+    "Precision",
     "ResQConfig",
+    "Scheme",
+    "SceneCutRefresh",
+    "load_object",
     "validate_bits",
 ]
 
+#: Version of the :meth:`ResQConfig.to_dict` layout.
+CONFIG_VERSION = 1
 #: Largest supported integer bit width.
 MAX_BITS = 16
 #: Bit width that BOPs are counted at for an unquantized (fp32) operand.
 FP32_BITS = 32
+
+WeightGranularity = Literal["tensor", "channel"]
+ReferenceKind = Literal["keyframe", "previous"]
+PolicyGranularity = Literal["pixel", "region", "frame"]
+_GRANULARITIES = ("tensor", "channel")
+_REFERENCES = ("keyframe", "previous")
+_POLICY_GRANULARITIES = ("pixel", "region", "frame")
 
 _PREC_RE = re.compile(r"^W(\d+)A(?:(\d+)|\{\s*(\d+(?:\s*,\s*\d+)*)\s*\})$", re.IGNORECASE)
 
@@ -57,6 +79,32 @@ def validate_bits(bits: Any, name: str, allow_zero: bool = True) -> int:
         return bits
     allowed = f"{'0 or ' if allow_zero else ''}2..{MAX_BITS}"
     raise ValueError(f"{name} must be {allowed}, got {bits}")
+
+
+def load_object(spec: str) -> Any:
+    """Import ``"package.module:attribute"`` (the form of every ``implementation`` and ``type``).
+
+    Raises:
+        ValueError: If ``spec`` is not of that form, or the module or attribute does not exist.
+    """
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError(f"expected 'package.module:attribute', got {spec!r}")
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"cannot import module {module_name!r} from {spec!r}: {err}") from err
+    target: Any = module
+    try:
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except AttributeError:
+        raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from None
+    return target
+
+
+def _type_name(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
 
 
 @dataclass(frozen=True)
@@ -227,34 +275,14 @@ class LineSearch:
     samples: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("candidates", "samples"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-        if self.candidates < 2:
-            raise ValueError(f"candidates must be >= 2, got {self.candidates}")
-        if self.samples < 1:
-            raise ValueError(f"samples must be >= 1, got {self.samples}")
-
-
-def _check_real(value: Any, name: str, minimum: float = 0.0, strict: bool = False) -> float:
-    """A finite real number ``>= minimum`` (``> minimum`` when ``strict``), as ``float``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    low_ok = value > minimum if strict else value >= minimum
-    if not math.isfinite(value) or not low_ok:
-        bound = f"{'>' if strict else '>='} {minimum:g}"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-    return value
-
-
-_POLICY_GRANULARITIES = ("pixel", "region", "frame")
+        check_int(self.candidates, "candidates", minimum=2)
+        check_int(self.samples, "samples", minimum=1)
 
 
 @dataclass(frozen=True)
 class ErrorBoundPolicy:
-    """Dynamic-ResQ policy settings (eq. 9-11); the math lives in :mod:`resq_brevitas.policy`.
+    """Dynamic-ResQ policy settings (eq. 9-11); implemented by
+    :class:`resq_brevitas.policy.error_bound.ErrorBoundSelector`.
 
     For every residual "pixel" (spatial position; a token or sample for ``Linear`` layers) the
     policy estimates each pool quantizer's output error with eq. 10 and picks the lowest bit width
@@ -270,30 +298,31 @@ class ErrorBoundPolicy:
         k: Block size of the ``region`` granularity (ignored otherwise).
     """
 
+    implementation: ClassVar[str] = "resq_brevitas.policy.error_bound:ErrorBoundSelector"
+
     tau: float = 3e-4
-    granularity: str = "pixel"
+    granularity: PolicyGranularity = "pixel"
     k: int = 4
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "tau", _check_real(self.tau, "tau"))
-        if self.granularity not in _POLICY_GRANULARITIES:
-            raise ValueError(
-                f"granularity must be one of {_POLICY_GRANULARITIES}, got {self.granularity!r}"
-            )
+        object.__setattr__(self, "tau", check_real(self.tau, "tau"))
+        check_choice(self.granularity, "granularity", _POLICY_GRANULARITIES)
         if isinstance(self.k, bool) or not isinstance(self.k, int):
             raise TypeError(f"k must be an int block size, got {type(self.k).__name__} {self.k!r}")
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
+        check_int(self.k, "k", minimum=1)
 
 
 @dataclass(frozen=True)
 class FixedPeriodRefresh:
-    """Keyframes every ``period`` frames only (the default; same as ``refresh=None``)."""
+    """Keyframes every ``period`` frames only (the default; the same as ``refresh=()``)."""
+
+    implementation: ClassVar[str | None] = None
 
 
 @dataclass(frozen=True)
 class ErrorBudgetRefresh:
-    """RRM's accumulated-error control (RRM eq. 7-8), per stream.
+    """RRM's accumulated-error control (RRM eq. 7-8), per stream; implemented by
+    :class:`resq_brevitas.policy.refresh.ErrorBudgetTrigger`.
 
     Each stream accumulates the l2 norm of the residual entries truncated by ``threshold`` at every
     ResQ layer since its last keyframe (RRM eq. 7). A polynomial without constant term,
@@ -306,18 +335,17 @@ class ErrorBudgetRefresh:
         coefficients: ``(c_1, ..., c_d)``; ``None`` to fit them on the calibration clips.
     """
 
+    implementation: ClassVar[str] = "resq_brevitas.policy.refresh:ErrorBudgetTrigger"
+    #: Residual frames must truncate something for this policy to see any energy.
+    needs_threshold: ClassVar[bool] = True
+
     budget: float = 0.05
     degree: int = 4
     coefficients: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "budget", _check_real(self.budget, "budget", strict=True))
-        if isinstance(self.degree, bool) or not isinstance(self.degree, int):
-            raise TypeError(
-                f"degree must be an int, got {type(self.degree).__name__} {self.degree!r}"
-            )
-        if not 1 <= self.degree <= 8:
-            raise ValueError(f"degree must be 1..8, got {self.degree}")
+        object.__setattr__(self, "budget", check_real(self.budget, "budget", strict=True))
+        check_int(self.degree, "degree", minimum=1, maximum=8)
         if self.coefficients is not None:
             if isinstance(self.coefficients, (str, bytes)) or not isinstance(
                     self.coefficients, Sequence) or not self.coefficients:
@@ -326,7 +354,7 @@ class ErrorBudgetRefresh:
                     f"None, got {self.coefficients!r}"
                 )
             coeffs = tuple(
-                _check_real(c, f"coefficients[{i}]", minimum=-math.inf)
+                check_real(c, f"coefficients[{i}]", minimum=-float("inf"))
                 for i, c in enumerate(self.coefficients)
             )
             object.__setattr__(self, "coefficients", coeffs)
@@ -335,29 +363,62 @@ class ErrorBudgetRefresh:
 @dataclass(frozen=True)
 class SceneCutRefresh:
     """Scene-cut guard: force a keyframe for a stream when, at the first ResQ layer of the frame,
-    ``||x - x_ref||^2 > fraction * ||x||^2``.
+    ``||x - x_ref||^2 > fraction * ||x||^2``; implemented by
+    :class:`resq_brevitas.policy.refresh.SceneCutTrigger`.
 
     Attributes:
         fraction: Share of the frame's energy the residual energy may reach (> 0).
     """
 
+    implementation: ClassVar[str] = "resq_brevitas.policy.refresh:SceneCutTrigger"
+
     fraction: float = 0.5
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "fraction", _check_real(self.fraction, "fraction", strict=True))
+        object.__setattr__(self, "fraction", check_real(self.fraction, "fraction", strict=True))
 
 
-#: Any refresh policy accepted by :class:`ResQConfig`.
-RefreshPolicy = Union[FixedPeriodRefresh, ErrorBudgetRefresh, SceneCutRefresh]
-_REFRESH_TYPES = (FixedPeriodRefresh, ErrorBudgetRefresh, SceneCutRefresh)
+def _is_setting(value: Any) -> bool:
+    """A policy or refresh setting: a dataclass instance naming its implementation."""
+    return (dataclasses.is_dataclass(value) and not isinstance(value, type)
+            and hasattr(type(value), "implementation"))
 
-_REFERENCES = ("keyframe", "previous")
-_GRANULARITIES = ("tensor", "channel")
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """A per-layer precision: the layers whose qualified names match ``layers`` use ``scheme``.
+
+    Typical uses: keep the first and last layers at 8 bits
+    (``LayerOverride(("stem.*", "head"), "W8A8->W8A8")``), run one layer as frame quantization
+    (``"W8A8"``: every frame a keyframe for that layer), or keep it in floating point (``"fp32"``,
+    counted at 32 bits in BOPs). The first matching override wins.
+
+    Attributes:
+        layers: ``fnmatch`` patterns of qualified module names (one string or a tuple).
+        scheme: The layer's scheme, in the notation of :class:`Scheme`.
+    """
+
+    layers: tuple[str, ...]
+    scheme: Scheme
+
+    def __post_init__(self) -> None:
+        layers = (self.layers,) if isinstance(self.layers, str) else self.layers
+        if (not isinstance(layers, (tuple, list)) or not layers
+                or not all(isinstance(p, str) and p for p in layers)):
+            raise TypeError(
+                f"layers must be a name pattern or a non-empty tuple of them, got {self.layers!r}"
+            )
+        object.__setattr__(self, "layers", tuple(layers))
+        object.__setattr__(self, "scheme", Scheme.parse(self.scheme))
+
+    def matches(self, name: str) -> bool:
+        """Whether the qualified module name ``name`` matches one of the patterns."""
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.layers)
 
 
 @dataclass(frozen=True)
 class ResQConfig:
-    """Everything :func:`resq_brevitas.convert` needs.
+    """Everything :func:`resq_brevitas.convert` needs: typed, frozen and serialisable.
 
     Attributes:
         scheme: ``"W8A8->W4A4"``-style notation or a :class:`Scheme`.
@@ -366,82 +427,101 @@ class ResQConfig:
         weight_granularity: ``"tensor"`` or ``"channel"`` (per output channel) weight scales.
         reference: ``"keyframe"`` (ResQ: residuals against the keyframe) or ``"previous"`` (RRM /
             sigma-delta: the reference advances every frame, ``x_ref <- x_ref + q(delta)``).
-        policy: :class:`ErrorBoundPolicy` for a pool scheme (``W8A8->W8A{0,4,8}``), else ``None``.
+        policy: The precision policy of a pool scheme (``W8A8->W8A{0,4,8}``), e.g.
+            :class:`ErrorBoundPolicy`; ``None`` for static schemes.
         calibration: Activation range setter settings.
         fold_bn: Fold BatchNorm into the preceding conv where the graph allows it.
         strict: Raise on unsupported weight layers instead of warning.
         threshold: RRM truncation ``eps`` (>= 0): residual entries with ``|delta| <= eps`` are
             zeroed before quantization (``0``: nothing is truncated).
-        refresh: ``None`` (fixed period), a refresh policy (:class:`ErrorBudgetRefresh`,
-            :class:`SceneCutRefresh`, :class:`FixedPeriodRefresh`) or a tuple of them (a keyframe
-            is forced when any fires).
+        refresh: Refresh policies (:class:`ErrorBudgetRefresh`, :class:`SceneCutRefresh`,
+            :class:`FixedPeriodRefresh`); a keyframe is forced when any fires. ``None`` or one
+            policy are accepted and stored as a tuple.
+        error_feedback: ``reference="previous"`` only: ``x_ref <- x_ref + q(delta)`` (True, the
+            sigma-delta update) or ``x_ref <- x_t`` (False: RRM's Algorithm 1, whose error
+            accumulates; an ablation).
+        overrides: Per-layer schemes (:class:`LayerOverride`), first match wins.
     """
 
-    scheme: str | Scheme = "W8A8->W4A4"
+    scheme: Scheme = "W8A8->W4A4"  # type: ignore[assignment]  # parsed in __post_init__
     period: int = 4
-    weight_granularity: str = "tensor"
-    reference: str = "keyframe"
+    weight_granularity: WeightGranularity = "tensor"
+    reference: ReferenceKind = "keyframe"
     policy: Any = None
     calibration: LineSearch = field(default_factory=LineSearch)
     fold_bn: bool = True
     strict: bool = False
     threshold: float = 0.0
-    refresh: Any = None
+    refresh: tuple[Any, ...] = ()
+    error_feedback: bool = True
+    overrides: tuple[LayerOverride, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheme", Scheme.parse(self.scheme))
-        if isinstance(self.period, bool) or not isinstance(self.period, int):
-            raise TypeError(
-                f"period must be an int, got {type(self.period).__name__} {self.period!r}"
-            )
-        if self.period < 1:
-            raise ValueError(f"period must be >= 1, got {self.period}")
-        if self.weight_granularity not in _GRANULARITIES:
-            raise ValueError(
-                f"weight_granularity must be one of {_GRANULARITIES}, "
-                f"got {self.weight_granularity!r}"
-            )
-        if self.reference not in _REFERENCES:
-            raise ValueError(f"reference must be one of {_REFERENCES}, got {self.reference!r}")
+        check_period(self.period)
+        check_choice(self.weight_granularity, "weight_granularity", _GRANULARITIES)
+        check_choice(self.reference, "reference", _REFERENCES)
         if not isinstance(self.calibration, LineSearch):
             raise TypeError(
                 "calibration must be a resq_brevitas.LineSearch, "
                 f"got {type(self.calibration).__name__}"
             )
-        self._check_policy()
-        object.__setattr__(self, "threshold", _check_real(self.threshold, "threshold"))
+        for name in ("fold_bn", "strict", "error_feedback"):
+            check_bool(getattr(self, name), name)
+        object.__setattr__(self, "threshold", check_real(self.threshold, "threshold"))
         if self.threshold > 0 and self.scheme.is_frame_quantization:
             raise ValueError(
                 f"threshold truncates residuals, but scheme {self.scheme} has no residual path; "
                 f"got threshold={self.threshold}"
             )
+        object.__setattr__(self, "overrides", self._normalized_overrides())
+        self._check_policy()
         object.__setattr__(self, "refresh", self._normalized_refresh())
 
-    def _check_policy(self) -> None:
-        scheme: Scheme = self.scheme  # type: ignore[assignment]
-        if self.policy is not None and not isinstance(self.policy, ErrorBoundPolicy):
+    def _normalized_overrides(self) -> tuple[LayerOverride, ...]:
+        items = self.overrides
+        if isinstance(items, LayerOverride):
+            items = (items,)
+        if not isinstance(items, (tuple, list)) or not all(
+                isinstance(o, LayerOverride) for o in items):
             raise TypeError(
-                "policy must be a resq_brevitas.ErrorBoundPolicy or None, "
-                f"got {type(self.policy).__name__} {self.policy!r}"
+                f"overrides must be a tuple of resq_brevitas.LayerOverride, got {items!r}"
             )
-        if scheme.is_dynamic and self.policy is None:
+        for item in items:
+            if item.scheme.residual is not None and self.scheme.is_frame_quantization:
+                raise ValueError(
+                    f"override {item.layers} has residual precision {item.scheme.residual}, but "
+                    f"scheme {self.scheme} makes every frame a keyframe"
+                )
+        return tuple(items)
+
+    def _check_policy(self) -> None:
+        scheme = self.scheme
+        dynamic = scheme.is_dynamic or any(o.scheme.is_dynamic for o in self.overrides)
+        if self.policy is not None and not _is_setting(self.policy):
+            raise TypeError(
+                "policy must be a resq_brevitas.ErrorBoundPolicy (or another policy setting "
+                f"naming its implementation) or None, got {type(self.policy).__name__} "
+                f"{self.policy!r}"
+            )
+        if dynamic and self.policy is None:
             raise ValueError(
                 f"scheme {scheme} has a pool of residual bit widths and needs a policy "
                 "(e.g. ErrorBoundPolicy); got policy=None"
             )
-        if self.policy is not None and not scheme.is_dynamic:
+        if self.policy is not None and not dynamic:
             raise ValueError(
                 "policy needs a scheme with a pool of residual bit widths "
                 f"(e.g. 'W8A8->W8A{{0,4,8}}'), got scheme {scheme} with policy={self.policy!r}"
             )
 
-    def _normalized_refresh(self) -> tuple[Any, ...] | None:
+    def _normalized_refresh(self) -> tuple[Any, ...]:
         refresh = self.refresh
         if refresh is None:
-            return None
+            return ()
         items = tuple(refresh) if isinstance(refresh, (tuple, list)) else (refresh,)
         for item in items:
-            if not isinstance(item, _REFRESH_TYPES):
+            if not _is_setting(item):
                 raise TypeError(
                     "refresh must be None, a refresh policy (ErrorBudgetRefresh, "
                     "SceneCutRefresh, FixedPeriodRefresh) or a tuple of them, "
@@ -450,19 +530,21 @@ class ResQConfig:
         kinds = [type(item) for item in items]
         if len(set(kinds)) != len(kinds):
             raise ValueError(f"refresh must not repeat a policy type, got {items!r}")
-        adaptive = [item for item in items if not isinstance(item, FixedPeriodRefresh)]
-        if adaptive and self.scheme.is_frame_quantization:  # type: ignore[union-attr]
+        adaptive = [item for item in items if type(item).implementation is not None]
+        if adaptive and self.scheme.is_frame_quantization:
             raise ValueError(
                 f"refresh needs residual frames, but scheme {self.scheme} makes every frame a "
                 f"keyframe; got refresh={self.refresh!r}"
             )
-        if any(isinstance(item, ErrorBudgetRefresh) for item in items) and self.threshold <= 0:
-            raise ValueError(
-                "ErrorBudgetRefresh accumulates truncated residual energy and needs "
-                f"threshold > 0, got threshold={self.threshold}"
-            )
+        for item in adaptive:
+            if getattr(type(item), "needs_threshold", False) and self.threshold <= 0:
+                raise ValueError(
+                    f"{type(item).__name__} accumulates truncated residual energy and needs "
+                    f"threshold > 0, got threshold={self.threshold}"
+                )
         return items
 
+    # ------------------------------------------------------------------ derived values
     @property
     def effective_period(self) -> int:
         """The keyframe period actually used (1 under frame quantization)."""
@@ -471,8 +553,72 @@ class ResQConfig:
     @property
     def adaptive_refresh(self) -> tuple[Any, ...]:
         """The refresh policies that can force keyframes (fixed-period entries dropped)."""
-        return tuple(r for r in (self.refresh or ()) if not isinstance(r, FixedPeriodRefresh))
+        return tuple(r for r in self.refresh if type(r).implementation is not None)
 
-    def refresh_of(self, kind: type) -> Any:
-        """The refresh policy of type ``kind``, or ``None``."""
-        return next((r for r in (self.refresh or ()) if isinstance(r, kind)), None)
+    def scheme_of(self, name: str) -> Scheme:
+        """The scheme of the layer called ``name`` (its first matching override, else global)."""
+        for override in self.overrides:
+            if override.matches(name):
+                return override.scheme
+        return self.scheme
+
+    @property
+    def notation(self) -> str:
+        """The paper's notation of the scheme, with the overrides, e.g.
+        ``W8A8->W4A4 [stem,head: W8A8->W8A8]``."""
+        text = self.scheme.notation
+        if self.overrides:
+            text += " [" + "; ".join(
+                f"{','.join(o.layers)}: {o.scheme.notation}" for o in self.overrides) + "]"
+        return text
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict with a ``version``; :meth:`from_dict` inverts it."""
+        return {"version": CONFIG_VERSION, **{f.name: _encode(getattr(self, f.name))
+                                              for f in fields(self)}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ResQConfig:
+        """Rebuild a config from :meth:`to_dict`'s output.
+
+        Raises:
+            TypeError: If ``data`` is not a mapping.
+            ValueError: On an unknown version or unknown fields.
+        """
+        if not isinstance(data, Mapping):
+            raise TypeError(f"data must be a mapping from ResQConfig.to_dict, got "
+                            f"{type(data).__name__}")
+        data = dict(data)
+        version = data.pop("version", None)
+        if version != CONFIG_VERSION:
+            raise ValueError(f"data has config version {version!r}; this release reads "
+                             f"version {CONFIG_VERSION}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"data has unknown ResQConfig fields {unknown}")
+        return cls(**{k: _decode(v) for k, v in data.items()})
+
+
+def _encode(value: Any) -> Any:
+    """Settings -> JSON-compatible values (dataclasses carry their ``type``)."""
+    if isinstance(value, Scheme):
+        return value.notation
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"type": _type_name(type(value)),
+                **{f.name: _encode(getattr(value, f.name)) for f in fields(value)}}
+    if isinstance(value, (tuple, list)):
+        return [_encode(v) for v in value]
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, Mapping) and "type" in value:
+        cls = load_object(value["type"])
+        if not dataclasses.is_dataclass(cls):
+            raise ValueError(f"{value['type']!r} is not a settings dataclass")
+        return cls(**{k: _decode(v) for k, v in value.items() if k != "type"})
+    if isinstance(value, list):
+        return tuple(_decode(v) for v in value)
+    return value

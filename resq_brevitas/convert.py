@@ -1,30 +1,35 @@
 """``convert``: float model + :class:`ResQConfig` in, :class:`ResQModel` out.
 
-The float model is deep-copied and left untouched. BatchNorm layers that directly follow a conv or
-linear layer are folded into it (:mod:`resq_brevitas.bn_fold`; when ``torch.fx`` cannot trace the
-model, folding waits for the first calibration frame and uses an eager trace); then every supported
-layer is replaced by its ResQ layer with a Brevitas graph rewriter. Weight layers
-that are not supported are reported by name.
+The float model is deep-copied and left untouched. BatchNorm layers that directly follow a
+supported layer are folded into it (:mod:`resq_brevitas.bn_fold`; when ``torch.fx`` cannot trace
+the model, folding waits for the first calibration frame and uses an eager trace); then every
+supported layer (a key of ``layer_map``) that ``filter_fn`` accepts is replaced by its ResQ layer
+with a Brevitas graph rewriter, at its own scheme (the config's per-layer overrides). Weight
+layers that are not supported are reported by name; layers ``filter_fn`` refuses stay in floating
+point and are listed in ``qm.skipped_layers``.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any
+from collections.abc import Callable, Mapping
 
 import torch
 from brevitas.graph.base import ModuleToModuleByInstance
 from brevitas.graph.utils import signature_keys
 from torch import nn
 
-from resq_brevitas.bn_fold import fold_batch_norms
-from resq_brevitas.config import ResQConfig, Scheme
-from resq_brevitas.nn.layers import RESQ_LAYER_FOR, is_resq_layer
-from resq_brevitas.quant.quantizers import act_quant, weight_quant
+from resq_brevitas.bn_fold import LayerMap, fold_batch_norms
+from resq_brevitas.config import ResQConfig
+from resq_brevitas.nn.layers import DEFAULT_LAYER_MAP, ResQLayerMixin, is_resq_layer
+from resq_brevitas.policy.base import build_policy
 from resq_brevitas.temporal.model import ResQModel
 
-__all__ = ["convert", "fold_batch_norms", "find_unsupported", "resq_layer_kwargs", "ToResQLayer"]
+__all__ = ["FilterFn", "ToResQLayer", "convert", "find_unsupported"]
+
+#: ``filter_fn(module, qualified_name) -> bool``: convert this supported layer (torchao style).
+FilterFn = Callable[[nn.Module, str], bool]
 
 # Layers that hold weights but are left in floating point by design: they are not
 # multiply-accumulate layers (normalisation, per-channel affine, PReLU slopes).
@@ -33,6 +38,8 @@ _ELEMENTWISE_WEIGHT_LAYERS = (
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.PReLU, nn.LocalResponseNorm,
     nn.RMSNorm,
 )
+_QUANT_KWARGS = frozenset({"device", "dtype", "weight_quant", "input_quant", "bias_quant",
+                           "output_quant", "return_quant_tensor"})
 
 
 class ToResQLayer(ModuleToModuleByInstance):
@@ -46,10 +53,7 @@ class ToResQLayer(ModuleToModuleByInstance):
     def init_new_module(self, old_module: nn.Module, name: str | None = None,
                         load_state_dict: bool = True) -> nn.Module:
         attrs = self._map_origin_vars(self._module_attributes(old_module))
-        allowed = set(signature_keys(self.new_module_class.brevitas_class)) - {
-            "device", "dtype", "weight_quant", "input_quant", "bias_quant", "output_quant",
-            "return_quant_tensor",
-        }
+        allowed = set(signature_keys(self.new_module_class.brevitas_class)) - _QUANT_KWARGS
         kwargs = {k: v for k, v in attrs.items() if k in allowed}
         kwargs = self._evaluate_new_kwargs(kwargs, old_module, name)
         new_module = self.new_module_class(**kwargs)
@@ -66,32 +70,11 @@ class ToResQLayer(ModuleToModuleByInstance):
         return new_module
 
 
-def resq_layer_kwargs(scheme: Scheme, weight_granularity: str) -> dict[str, Any]:
-    """Quantizer keyword arguments of every ResQ layer for ``scheme``."""
-    key, res = scheme.keyframe, scheme.residual
-    kwargs: dict[str, Any] = {
-        "weight_quant": weight_quant(key.weight_bits, weight_granularity),
-        "input_quant": act_quant(key.act_bits[0] if key.act_bits else None),
-        "has_residual": res is not None,
-    }
-    if res is not None:
-        kwargs["residual_weight_quant"] = weight_quant(res.weight_bits, weight_granularity)
-        if res.is_pool:
-            # Dynamic-ResQ: one activation quantizer per pool bit width; the residual view
-            # itself gets no input quantizer (the policy quantizes per pixel).
-            assert res.act_bits is not None
-            kwargs["residual_input_quant"] = None
-            kwargs["residual_input_pool"] = tuple((b, act_quant(b)) for b in res.act_bits)
-        else:
-            kwargs["residual_input_quant"] = act_quant(res.act_bits[0] if res.act_bits else None)
-    return kwargs
-
-
-def find_unsupported(model: nn.Module) -> list[str]:
+def find_unsupported(model: nn.Module, layer_map: LayerMap = DEFAULT_LAYER_MAP) -> list[str]:
     """Names of modules with their own weights that ResQ cannot run (e.g. LSTM, MHA)."""
     names = []
     for name, module in model.named_modules():
-        if type(module) in RESQ_LAYER_FOR or is_resq_layer(module):
+        if type(module) in layer_map or is_resq_layer(module):
             continue
         if isinstance(module, _ELEMENTWISE_WEIGHT_LAYERS):
             continue
@@ -100,45 +83,85 @@ def find_unsupported(model: nn.Module) -> list[str]:
     return names
 
 
-def convert(model: nn.Module, config: ResQConfig | None = None) -> ResQModel:
+def _check_layer_map(layer_map: object) -> LayerMap:
+    if not isinstance(layer_map, Mapping) or not all(
+            isinstance(k, type) and is_resq_class(v) for k, v in layer_map.items()):
+        raise TypeError(
+            "layer_map must map torch layer classes to ResQ layer classes (see "
+            f"resq_brevitas.nn.resq_layer_class), got {layer_map!r}"
+        )
+    return layer_map
+
+
+def is_resq_class(cls: object) -> bool:
+    """Whether ``cls`` is a ResQ layer class."""
+    return isinstance(cls, type) and issubclass(cls, ResQLayerMixin)
+
+
+def convert(model: nn.Module, config: ResQConfig | None = None,
+            filter_fn: FilterFn | None = None,
+            layer_map: LayerMap = DEFAULT_LAYER_MAP) -> ResQModel:
     """Convert a float model to a :class:`ResQModel`.
 
     Args:
         model: The float model (not modified).
-        config: The configuration (default ``ResQConfig()``: ``W8A8->W4A4``, ``T=4``).
+        config: The configuration (default ``ResQConfig()``: ``W8A8->W4A4``, ``T=4``); its
+            ``overrides`` give single layers their own scheme.
+        filter_fn: ``filter_fn(module, name) -> bool``: which supported layers to convert
+            (default: all). Refused layers stay in floating point, are not counted in BOPs and
+            are listed in ``qm.skipped_layers``.
+        layer_map: ``float class -> ResQ class``; extend :data:`~resq_brevitas.nn.
+            DEFAULT_LAYER_MAP` for your own layer types (exact classes are matched).
 
     Returns:
         A ``ResQModel``; calibrate it with :func:`resq_brevitas.calibrate` before use.
 
     Raises:
-        TypeError: If ``model`` is not an ``nn.Module`` or ``config`` not a ``ResQConfig``.
+        TypeError: If ``model`` is not an ``nn.Module``, is already a ``ResQModel``, ``config`` is
+            not a ``ResQConfig`` or ``layer_map`` is malformed.
         ValueError: If ``config.strict`` and the model has unsupported weight layers, or the model
             has no supported layer.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, ResQModel):
+        raise TypeError("model must be a float model, got a ResQModel (it is already converted)")
     if config is None:
         config = ResQConfig()
     if not isinstance(config, ResQConfig):
         raise TypeError(f"config must be a resq_brevitas.ResQConfig, got {type(config).__name__}")
-    if type(model) in RESQ_LAYER_FOR:
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be callable(module, name) -> bool, got {filter_fn!r}")
+    layer_map = _check_layer_map(layer_map)
+    if type(model) in layer_map:
         raise ValueError(
             f"model must contain its layers; wrap a bare {type(model).__name__} in nn.Sequential"
         )
     net = copy.deepcopy(model)
     # None: torch.fx could not trace the model; calibrate() folds on an eager trace instead.
-    bn_fold_pending = config.fold_bn and fold_batch_norms(net) is None
-    unsupported = find_unsupported(net)
+    bn_fold_pending = config.fold_bn and fold_batch_norms(net, layer_map=layer_map) is None
+    unsupported = find_unsupported(net, layer_map)
     if unsupported:
         message = ("these weight layers are not supported by ResQ and stay in floating point "
                    f"(not counted in BOPs): {', '.join(unsupported)}")
         if config.strict:
             raise ValueError(message)
         warnings.warn(message, stacklevel=2)
-    kwargs = resq_layer_kwargs(config.scheme, config.weight_granularity)  # type: ignore[arg-type]
-    targets = [m for m in net.modules() if type(m) in RESQ_LAYER_FOR]
-    for module in targets:
-        net = ToResQLayer(module, RESQ_LAYER_FOR[type(module)], **kwargs).apply(net)
-    qm = ResQModel(net, config, tuple(unsupported))
+    policy = build_policy(config.policy) if config.policy is not None else None
+    targets, skipped = [], []
+    for name, module in net.named_modules():
+        if type(module) not in layer_map:
+            continue
+        if filter_fn is not None and not filter_fn(module, name):
+            skipped.append(name)
+            continue
+        targets.append((name, module))
+    for name, module in targets:
+        scheme = config.scheme_of(name)
+        net = ToResQLayer(module, layer_map[type(module)], keyframe=scheme.keyframe,
+                          residual=scheme.residual,
+                          weight_granularity=config.weight_granularity,
+                          policy=policy if scheme.is_dynamic else None).apply(net)
+    qm = ResQModel(net, config, tuple(unsupported), tuple(skipped), layer_map=layer_map)
     qm.bn_fold_pending = bn_fold_pending
     return qm

@@ -1,74 +1,11 @@
-"""Shared test models and clips."""
+"""Shared fixtures (the models and clips themselves are in tests/helpers.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
-
-class SqueezeExcite(nn.Module):
-    """SE block with two Linear layers."""
-
-    def __init__(self, channels: int, hidden: int = 4) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(channels, hidden)
-        self.fc2 = nn.Linear(hidden, channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3))))))
-        return x * w[:, :, None, None]
-
-
-class AllLayersNet(nn.Module):
-    """Every supported layer type: Conv1d/2d/3d, ConvTranspose2d, Linear, with groups, dilation,
-    stride, BatchNorm, a residual add, a concat, an SE block and a dict output."""
-
-    def __init__(self, in_channels: int = 3, classes: int = 4) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(in_channels, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.depthwise = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8)
-        self.grouped = nn.Conv2d(8, 12, 3, stride=2, padding=1, groups=2)
-        self.conv3d = nn.Conv3d(12, 12, (1, 3, 3), padding=(0, 1, 1))
-        self.conv1d = nn.Conv1d(12, 12, 3, padding=1)
-        self.se = SqueezeExcite(12)
-        self.up = nn.ConvTranspose2d(12, 8, 4, stride=2, padding=1)
-        self.head = nn.Conv2d(16, classes, 1)
-        self.token = nn.Linear(12, 6)
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        a = torch.relu(self.bn(self.stem(x)))
-        a = a + torch.relu(self.depthwise(a))
-        b = torch.relu(self.grouped(a))
-        b = b + self.conv3d(b.unsqueeze(2)).squeeze(2)
-        n, c, h, w = b.shape
-        b = b + self.conv1d(b.flatten(2)).view(n, c, h, w)
-        b = self.se(b)
-        tokens = self.token(b.flatten(2).transpose(1, 2))
-        seg = self.head(torch.cat([a, torch.relu(self.up(b))], dim=1))
-        return {"seg": seg, "tokens": tokens}
-
-
-def make_all_layers_net(seed: int = 0) -> AllLayersNet:
-    """An AllLayersNet in eval mode with non-trivial BatchNorm statistics."""
-    torch.manual_seed(seed)
-    net = AllLayersNet().eval()
-    with torch.no_grad():
-        net.bn.running_mean.uniform_(-0.5, 0.5)
-        net.bn.running_var.uniform_(0.5, 2.0)
-        net.bn.weight.uniform_(0.5, 1.5)
-        net.bn.bias.uniform_(-0.2, 0.2)
-    return net
-
-
-def make_clip(batch: int = 2, frames: int = 12, channels: int = 3, size: int = 16,
-              seed: int = 0) -> torch.Tensor:
-    """A temporally coherent random clip ``[B, T, C, H, W]``: a base frame plus small drift."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(batch, 1, channels, size, size, generator=g)
-    drift = 0.1 * torch.randn(batch, frames, channels, size, size, generator=g).cumsum(1)
-    return base + drift
+from tests.helpers import AllLayersNet, make_all_layers_net, make_clip
 
 
 @pytest.fixture(scope="module")

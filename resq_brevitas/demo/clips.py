@@ -6,7 +6,7 @@ import math
 
 from torch import Tensor
 
-from resq_brevitas.data import make_clip
+from resq_brevitas.demo.synthetic import make_clip
 
 __all__ = ["CALIB_SEED", "EVAL_SEED", "demo_clips"]
 

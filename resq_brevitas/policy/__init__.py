@@ -1,19 +1,23 @@
 """Policies: Dynamic-ResQ's error-bound precision policy (eq. 9-11) and keyframe refresh (RRM)."""
 
+from resq_brevitas.policy.base import (
+    PrecisionPolicy,
+    RefreshTrigger,
+    StreamStatus,
+    build_policy,
+    build_refresh,
+)
 from resq_brevitas.policy.error_bound import (
-    ErrorBoundPolicy,
+    ErrorBoundSelector,
     aggregate_errors,
-    apply_error_bound_policy,
     error_maps_eq10,
     expand_units,
-    mix_pool,
     policy_bops,
     select_eq11,
 )
 from resq_brevitas.policy.refresh import (
-    ErrorBudgetRefresh,
-    FixedPeriodRefresh,
-    SceneCutRefresh,
+    ErrorBudgetTrigger,
+    SceneCutTrigger,
     fit_error_polynomial,
     predict_error_eq8,
     relative_output_error,
@@ -22,16 +26,18 @@ from resq_brevitas.policy.refresh import (
 )
 
 __all__ = [
-    "ErrorBoundPolicy",
-    "ErrorBudgetRefresh",
-    "FixedPeriodRefresh",
-    "SceneCutRefresh",
+    "ErrorBoundSelector",
+    "ErrorBudgetTrigger",
+    "PrecisionPolicy",
+    "RefreshTrigger",
+    "SceneCutTrigger",
+    "StreamStatus",
     "aggregate_errors",
-    "apply_error_bound_policy",
+    "build_policy",
+    "build_refresh",
     "error_maps_eq10",
     "expand_units",
     "fit_error_polynomial",
-    "mix_pool",
     "policy_bops",
     "predict_error_eq8",
     "relative_output_error",

@@ -11,9 +11,8 @@ Granularities: ``pixel`` decides per position; ``region`` sums the errors of ``k
 last two spatial dims (``k`` along the only one for 1-D inputs) and decides per block; ``frame``
 sums over all positions and decides per batch row.
 
-Each equation is one function: :func:`error_maps_eq10`, :func:`select_eq11`. The glue that a
-ResQ layer's temporal state calls is :func:`apply_error_bound_policy`; its cost is
-:func:`policy_bops`.
+Each equation is one function: :func:`error_maps_eq10`, :func:`select_eq11`. The policy object
+that pool residual paths call is :class:`ErrorBoundSelector`; its cost is :func:`policy_bops`.
 """
 
 from __future__ import annotations
@@ -21,18 +20,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from resq_brevitas.config import ErrorBoundPolicy
 
 __all__ = [
-    "ErrorBoundPolicy",
     "error_maps_eq10",
     "aggregate_errors",
     "select_eq11",
     "expand_units",
-    "mix_pool",
-    "apply_error_bound_policy",
+    "ErrorBoundSelector",
     "policy_bops",
 ]
 
@@ -133,47 +130,52 @@ def expand_units(index: Tensor, spatial_shape: Sequence[int], granularity: str,
     return out
 
 
-def mix_pool(quantized: Sequence[Tensor], index: Tensor, channel_dim: int = 1) -> Tensor:
-    """The residual each pixel sends: ``q_{Pi_p}(delta_p)`` (pool outputs selected per pixel).
+class ErrorBoundSelector(nn.Module):
+    """The error-bound precision policy (eq. 9-11) of Dynamic-ResQ pool layers.
+
+    Implements :class:`resq_brevitas.nn.residual.PrecisionPolicy` for the settings
+    :class:`~resq_brevitas.config.ErrorBoundPolicy`: per decision unit, the cheapest pool
+    quantizer whose next step up would reduce the eq. 10 error by less than ``tau``.
 
     Args:
-        quantized: ``q_i(delta)`` of each pool quantizer (``[R, C, *S]`` or ``[R, *S, C]``).
-        index: ``[R, *S]`` pool index per pixel.
-        channel_dim: 1 (convs) or -1 (``Linear``).
-
-    Returns:
-        The mixed quantized residual (differentiable w.r.t. the pool outputs).
+        settings: ``tau``, granularity and block size.
     """
-    mask_dim = 1 if channel_dim >= 0 else index.dim()
-    index = index.unsqueeze(mask_dim)
-    out = quantized[0]
-    for i in range(1, len(quantized)):
-        out = torch.where(index == i, quantized[i], out)
-    return out
 
+    def __init__(self, settings: ErrorBoundPolicy) -> None:
+        super().__init__()
+        if not isinstance(settings, ErrorBoundPolicy):
+            raise TypeError(f"settings must be an ErrorBoundPolicy, got {type(settings).__name__}")
+        self.settings = settings
 
-def apply_error_bound_policy(delta: Tensor, quantized: Sequence[Tensor],
-                             weight_norm: Tensor | float, policy: ErrorBoundPolicy,
-                             channel_dim: int = 1) -> tuple[Tensor, Tensor, int]:
-    """Run eq. 10-11 on a residual and mix the pool outputs.
+    def select(self, delta: Tensor, quantized: Sequence[Tensor], weight_norm: Tensor | float,
+               channel_dim: int = 1) -> tuple[Tensor, int]:
+        """Eq. 10-11 on a residual.
 
-    Args:
-        delta: The residual (after any truncation).
-        quantized: ``q_i(delta)`` of each pool quantizer, ascending bits.
-        weight_norm: ``||q(w)||_F``.
-        policy: ``tau``, granularity and block size.
-        channel_dim: 1 (convs) or -1 (``Linear``).
+        Args:
+            delta: The residual (after any truncation).
+            quantized: ``q_i(delta)`` of each pool quantizer, ascending bits.
+            weight_norm: ``||q(w)||_F``.
+            channel_dim: 1 (convs) or -1 (``Linear``).
 
-    Returns:
-        ``(q_mix, index, units)``: the mixed quantized residual, the per-pixel pool index
-        ``[R, *S]`` and the number of decision units per row (for :func:`policy_bops`).
-    """
-    errors = error_maps_eq10(delta, quantized, weight_norm, channel_dim)
-    unit_errors = aggregate_errors(errors, policy.granularity, policy.k)
-    unit_index = select_eq11(unit_errors, policy.tau)
-    index = expand_units(unit_index, errors.shape[2:], policy.granularity, policy.k)
-    units = unit_index[0].numel() if unit_index.dim() > 1 else 1
-    return mix_pool(quantized, index, channel_dim), index, units
+        Returns:
+            ``(index, units)``: the per-pixel pool index ``[R, *S]`` and the number of decision
+            units per row (for :meth:`cost`).
+        """
+        settings = self.settings
+        errors = error_maps_eq10(delta, quantized, weight_norm, channel_dim)
+        unit_errors = aggregate_errors(errors, settings.granularity, settings.k)
+        unit_index = select_eq11(unit_errors, settings.tau)
+        index = expand_units(unit_index, errors.shape[2:], settings.granularity, settings.k)
+        units = unit_index[0].numel() if unit_index.dim() > 1 else 1
+        return index, units
+
+    def cost(self, pool_size: int, channels: int, positions: int, units: int,
+             act_bits: int) -> int:
+        """The policy's BOPs on one residual row (:func:`policy_bops`)."""
+        return policy_bops(pool_size, channels, positions, units, act_bits)
+
+    def extra_repr(self) -> str:
+        return repr(self.settings)
 
 
 def policy_bops(pool_size: int, channels: int, positions: int, units: int,

@@ -11,25 +11,28 @@
 - :class:`SceneCutRefresh`: at the first ResQ layer a frame reaches, a residual row whose energy
   exceeds a fraction of its frame's energy is run as a keyframe (:func:`scene_cut_rows`).
 
-With an adaptive refresh, ``period`` is the longest run between keyframes. The state these
-policies need (per-stream accumulators, the fitted coefficients) lives in the
-:class:`~resq_brevitas.temporal.ResQModel`, never in the (shared, frozen) configuration.
+With an adaptive refresh, ``period`` is the longest run between keyframes. The settings are
+frozen data (:mod:`resq_brevitas.config`); the triggers here are the per-model objects that carry
+the behaviour and the state it needs (the fitted coefficients; the per-stream energy accumulator
+is the model's stream state, :class:`~resq_brevitas.policy.base.StreamStatus`).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from resq_brevitas.config import ErrorBudgetRefresh, FixedPeriodRefresh, SceneCutRefresh
+from resq_brevitas.config import ErrorBudgetRefresh, SceneCutRefresh
+from resq_brevitas.policy.base import StreamStatus
 
 __all__ = [
-    "ErrorBudgetRefresh",
-    "FixedPeriodRefresh",
-    "SceneCutRefresh",
+    "ErrorBudgetTrigger",
+    "SceneCutTrigger",
     "truncated_energy_eq7",
     "predict_error_eq8",
     "fit_error_polynomial",
@@ -150,3 +153,106 @@ def relative_output_error(out: Any, reference: Any) -> Tensor:
     """Per-row ``||out - reference|| / ||reference||`` over all output tensors (float64)."""
     a, b = output_rows(out), output_rows(reference)
     return (a - b).norm(dim=1) / b.norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+
+
+class ErrorBudgetTrigger(nn.Module):
+    """RRM's accumulated-error refresh (RRM eq. 7-8) for :class:`ErrorBudgetRefresh` settings.
+
+    Before each frame, a stream whose predicted error ``H(e_t)`` (RRM eq. 8) exceeds the budget
+    is refreshed. The coefficients come from the settings or from :meth:`fit` (called by
+    :func:`resq_brevitas.calibrate`) and travel in the model's ``state_dict`` (extra state).
+
+    Args:
+        settings: Budget, degree and optional coefficients.
+    """
+
+    def __init__(self, settings: ErrorBudgetRefresh) -> None:
+        super().__init__()
+        self.settings = settings
+        #: RRM eq. 8 coefficients ``(c_1, ..., c_d)``, or ``None`` until fitted.
+        self.coefficients: tuple[float, ...] | None = settings.coefficients
+
+    @property
+    def needs_fit(self) -> bool:
+        """Whether calibration must fit the polynomial (no coefficients were given)."""
+        return self.settings.coefficients is None
+
+    def before_frame(self, stream: StreamStatus) -> Tensor | None:
+        """Rows whose accumulated truncated energy predicts an error above the budget."""
+        if self.coefficients is None:
+            raise RuntimeError(
+                "ErrorBudgetRefresh has no fitted polynomial: run resq.calibrate(qm, clips) "
+                "or pass ErrorBudgetRefresh(coefficients=...)"
+            )
+        if stream.energy is None:
+            return None
+        return predict_error_eq8(self.coefficients, stream.energy) > self.settings.budget
+
+    def fit(self, qm: Any, frames: Any, samples: int, progress: bool = False) -> None:
+        """Fit RRM eq. 8's polynomial on calibration frames (the model's ranges must be set).
+
+        Each frame runs through the quantized model with the fixed keyframe schedule; every
+        stream contributes the pair (accumulated truncated energy since its keyframe, RRM eq. 7;
+        relative error of the model output against the keyframe path on the same frame).
+
+        Args:
+            qm: The ResQ model (reset before and after).
+            frames: An iterable of ``(starts_clip, frame)`` pairs.
+            samples: Frames expected (for the progress bar).
+            progress: Show a progress bar.
+        """
+        energies: list[Tensor] = []
+        errors: list[Tensor] = []
+        bar = tqdm(total=samples, desc="calibration refresh fit", disable=not progress,
+                   leave=False)
+        try:
+            with torch.no_grad():
+                for starts_clip, frame in frames:
+                    if starts_clip:
+                        qm.reset()
+                    out = qm.run_frame(frame, adaptive=False)
+                    energies.append(qm.truncated_energy)
+                    errors.append(relative_output_error(out, qm.keyframe_output(frame)))
+                    bar.update(frame.shape[0])
+        finally:
+            bar.close()
+            qm.reset()
+        energy = torch.cat(energies)
+        if not bool((energy > 0).any()):
+            warnings.warn(
+                "ErrorBudgetRefresh: the calibration clips truncated nothing (threshold too small "
+                "or clips static); the fitted polynomial is zero and the refresh never fires",
+                stacklevel=3,
+            )
+        self.coefficients = fit_error_polynomial(energy, torch.cat(errors),
+                                                 self.settings.degree)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"coefficients": self.coefficients}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        coefficients = state.get("coefficients")
+        if coefficients is not None:
+            self.coefficients = tuple(float(c) for c in coefficients)
+
+    def extra_repr(self) -> str:
+        return repr(self.settings)
+
+
+class SceneCutTrigger(nn.Module):
+    """The scene-cut guard for :class:`SceneCutRefresh` settings, at the first ResQ layer.
+
+    Args:
+        settings: The energy fraction.
+    """
+
+    def __init__(self, settings: SceneCutRefresh) -> None:
+        super().__init__()
+        self.settings = settings
+
+    def at_first_layer(self, x: Tensor, x_ref: Tensor) -> Tensor:
+        """Rows (bool ``[R]``) whose residual energy exceeds the fraction of the frame's."""
+        return scene_cut_rows(x - x_ref, x, self.settings.fraction)
+
+    def extra_repr(self) -> str:
+        return repr(self.settings)

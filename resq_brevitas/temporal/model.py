@@ -6,8 +6,8 @@ wrapped model is arbitrary code: ResQ layers consult their attached :class:`Laye
 step runs, everything between them (adds, concats, upsampling, SE blocks, tuple/dict outputs)
 runs as written.
 
-Keyframes come from the fixed-period schedule and, when configured, from the refresh policies of
-:mod:`resq_brevitas.policy.refresh` (per stream: a forced keyframe restarts only that row's
+Keyframes come from the fixed-period schedule and, when configured, from refresh triggers
+(:mod:`resq_brevitas.policy.refresh`; per stream: a forced keyframe restarts only that row's
 period). After each call, ``last_cost`` holds the BOPs, ``last_keyframes`` / ``last_refreshes``
 which rows were keyframes (and which of those were forced), and, for Dynamic-ResQ,
 ``last_bit_maps`` the bits each pixel of each layer's input was processed at.
@@ -15,20 +15,26 @@ which rows were keyframes (and which of those were forced), and, for Dynamic-Res
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from resq_brevitas.config import ErrorBudgetRefresh, ResQConfig, SceneCutRefresh, Scheme
-from resq_brevitas.cost import CostReport, LayerCost, build_report
-from resq_brevitas.nn.layers import ResQLayerMixin, is_resq_layer
-from resq_brevitas.policy.refresh import predict_error_eq8
+from resq_brevitas.checks import check_frame
+from resq_brevitas.config import ResQConfig, Scheme
+from resq_brevitas.nn.cost import CostReport, CostTally
+from resq_brevitas.nn.layers import DEFAULT_LAYER_MAP, ResQLayerMixin, is_resq_layer
+from resq_brevitas.policy.base import StreamStatus, build_policy, build_refresh
+from resq_brevitas.temporal.context import FrameContext, Observer, StepInputs, attached
 from resq_brevitas.temporal.schedule import KeyframeSchedule
-from resq_brevitas.temporal.state import LayerState, Observer, StepContext
+from resq_brevitas.temporal.state import LayerState
+from resq_brevitas.temporal.step import ResidualMode
 
-__all__ = ["ResQModel", "stack_outputs"]
+__all__ = ["ResQModel", "StreamState", "stack_outputs"]
 
 
 def stack_outputs(outputs: list[Any]) -> Any:
@@ -47,6 +53,21 @@ def stack_outputs(outputs: list[Any]) -> Any:
     )
 
 
+@dataclass
+class StreamState:
+    """The model-level state of the running streams (one per batch row).
+
+    Attributes:
+        phase: Long ``[B]``: frames since each row's last keyframe, including it (0: none yet).
+        energy: Float64 ``[B]``: truncated energy since each row's last keyframe (RRM eq. 7).
+        shape: The frame shape of the stream.
+    """
+
+    phase: Tensor | None = None
+    energy: Tensor | None = None
+    shape: tuple[int, ...] | None = None
+
+
 class ResQModel(nn.Module):
     """Keyframe/residual inference over video for a model whose linear layers are ResQ layers.
 
@@ -57,33 +78,42 @@ class ResQModel(nn.Module):
         model: The converted model (its supported layers replaced by ResQ layers).
         config: The configuration it was converted with.
         unsupported_layers: Names of weight layers that were left in floating point.
+        skipped_layers: Names of supported layers ``filter_fn`` left in floating point.
+        layer_map: The layer map the model was converted with (BatchNorm folding at
+            calibration reads its axes).
     """
 
     def __init__(self, model: nn.Module, config: ResQConfig,
-                 unsupported_layers: tuple[str, ...] = ()) -> None:
+                 unsupported_layers: tuple[str, ...] = (),
+                 skipped_layers: tuple[str, ...] = (),
+                 layer_map: Mapping[type[nn.Module], type[nn.Module]] | None = None) -> None:
         super().__init__()
         self.model = model
         self.training = model.training  # wrap an eval model -> an eval ResQModel
         self.config = config
         self.unsupported_layers = tuple(unsupported_layers)
+        self.skipped_layers = tuple(skipped_layers)
+        # A plain dict: it must deep-copy (with_policy) and two models must not share it.
+        self.layer_map = dict(layer_map) if layer_map is not None else dict(DEFAULT_LAYER_MAP)
         self.schedule = KeyframeSchedule(config.effective_period)
         # A plain list (not submodules): the layers are registered once, under ``model``.
         self._layers: list[tuple[str, ResQLayerMixin]] = [
             (name, m) for name, m in model.named_modules() if is_resq_layer(m)
         ]
-        self._states = {name: LayerState(name) for name, _ in self._layers}
-        if not self._states:
+        if not self._layers:
             raise ValueError("model has no supported layer (Conv1d/2d/3d, ConvTranspose2d, Linear)")
-        self._phase: Tensor | None = None
-        self._stream_shape: tuple[int, ...] | None = None
+        self._states = {name: LayerState(name) for name, _ in self._layers}
+        #: The refresh triggers built from ``config.refresh`` (fixed-period entries have none).
+        self.refresh_triggers = nn.ModuleList(
+            t for t in (build_refresh(r) for r in config.refresh) if t is not None)
+        self._stream = StreamState()
+        self._mode = ResidualMode.from_config(config)
         #: ``(frame rank incl. batch, channels)``, learnt at calibration or at the first frame.
         self.input_spec: tuple[int, int] | None = None
         self.calibrated = False
         #: BatchNorm folding waits for an example frame (the model could not be fx-traced).
         self.bn_fold_pending = False
         self.last_cost: CostReport | None = None
-        #: Per stream: accumulated truncated energy since its last keyframe (RRM eq. 7).
-        self._truncation: Tensor | None = None
         #: Bool ``[B, T]`` of the last call: rows run as keyframes (scheduled or forced).
         self.last_keyframes: Tensor | None = None
         #: Bool ``[B, T]`` of the last call: keyframes forced by a refresh policy.
@@ -91,27 +121,34 @@ class ResQModel(nn.Module):
         #: Dynamic-ResQ: ``name -> int8 [B, T, *S]``, the activation bits each input pixel of
         #: the layer was processed at in the last call (keyframe rows at the keyframe bits).
         self.last_bit_maps: dict[str, Tensor] = {}
-        #: The :class:`StepContext` of the last frame run (for calibration and diagnostics).
-        self.last_context: StepContext | None = None
-        #: ``reference="previous"``: error feedback ``x_ref <- x_ref + q(delta)``. Ablation only:
-        #: ``False`` stores ``x_ref <- x_t`` (RRM's Algorithm 1), whose error accumulates.
-        self.error_feedback = True
-        budget = config.refresh_of(ErrorBudgetRefresh)
-        #: RRM eq. 8 coefficients ``(c_1, ..., c_d)`` of the error-budget refresh: given in the
-        #: config or fitted by :func:`resq_brevitas.calibrate`.
-        self.error_polynomial: tuple[float, ...] | None = (
-            budget.coefficients if budget is not None else None)
+        #: Count non-zero entries for densities and RRM eq. 10 (a host sync per layer and frame).
+        self.measure_density = True
 
     # ------------------------------------------------------------------ introspection
     @property
     def scheme(self) -> Scheme:
-        """The keyframe/residual scheme."""
-        return self.config.scheme  # type: ignore[return-value]
+        """The model-wide keyframe/residual scheme (per-layer overrides aside)."""
+        return self.config.scheme
+
+    @property
+    def notation(self) -> str:
+        """The scheme in the paper's notation, with per-layer overrides."""
+        return self.config.notation
 
     @property
     def period(self) -> int:
         """The keyframe period actually used (1 under frame quantization)."""
         return self.schedule.period
+
+    @property
+    def error_feedback(self) -> bool:
+        """``reference="previous"``: whether ``x_ref <- x_ref + q(delta)`` (see the config)."""
+        return self.config.error_feedback
+
+    @property
+    def mode(self) -> ResidualMode:
+        """Reference rule and truncation of residual frames."""
+        return self._mode
 
     def resq_layers(self) -> Iterator[tuple[str, ResQLayerMixin]]:
         """``(name, layer)`` for every ResQ layer, in module order."""
@@ -119,66 +156,113 @@ class ResQModel(nn.Module):
 
     @property
     def in_stream(self) -> bool:
-        """Whether a stream is in progress (``step`` was called since the last ``reset``)."""
-        return self._stream_shape is not None
+        """Whether a stream is in progress (a frame ran since the last ``reset``)."""
+        return self._stream.shape is not None
+
+    @property
+    def truncated_energy(self) -> Tensor | None:
+        """Float64 ``[B]``: each stream's truncated energy since its last keyframe (RRM eq. 7),
+        or ``None`` before the first frame (a copy)."""
+        energy = self._stream.energy
+        return None if energy is None else energy.clone()
+
+    @property
+    def error_polynomial(self) -> tuple[float, ...] | None:
+        """RRM eq. 8 coefficients of the error-budget refresh (given or fitted), else ``None``."""
+        for trigger in self.refresh_triggers:
+            coefficients = getattr(trigger, "coefficients", None)
+            if coefficients is not None:
+                return coefficients
+        return None
 
     # ------------------------------------------------------------------ state
-    def reset(self) -> None:
-        """Forget every stream: the next frame is a keyframe for every row."""
-        for state in self._states.values():
-            state.reset()
-        self._phase = None
-        self._truncation = None
-        self._stream_shape = None
+    def reset(self, rows: Any = None) -> None:
+        """Forget the streams: the next frame is a keyframe for every row.
+
+        Args:
+            rows: Restart only these streams (batch row indices or a bool ``[B]`` mask); the
+                others continue. Needs a running stream.
+
+        Raises:
+            ValueError: ``rows`` outside the running stream's batch.
+        """
+        if rows is None:
+            for state in self._states.values():
+                state.reset()
+            self._stream = StreamState()
+            return
+        stream = self._stream
+        if stream.phase is None:
+            raise ValueError("reset(rows=...) needs a running stream; call reset() instead")
+        mask = torch.zeros_like(stream.phase, dtype=torch.bool)
+        try:
+            mask[torch.as_tensor(rows)] = True
+        except (IndexError, TypeError) as err:
+            raise ValueError(f"rows must index the stream's {mask.numel()} batch rows, got "
+                             f"{rows!r}") from err
+        stream.phase = torch.where(mask, torch.zeros_like(stream.phase), stream.phase)
+        if stream.energy is not None:
+            stream.energy = torch.where(mask, torch.zeros_like(stream.energy), stream.energy)
+
+    def with_policy(self, policy: Any) -> ResQModel:
+        """A copy of this (calibrated) model with another precision policy; no recalibration.
+
+        Pool quantizers are calibrated on residuals in floating point, where the policy plays no
+        part, so a ``tau`` sweep calibrates once and swaps the policy.
+
+        Args:
+            policy: Policy settings (e.g. ``ErrorBoundPolicy(tau=1.0)``).
+
+        Returns:
+            A new ResQModel (deep copy, reset) whose pool layers use the new policy.
+        """
+        config = replace(self.config, policy=policy)  # validates against the scheme
+        implementation = build_policy(policy)
+        new = copy.deepcopy(self)
+        new.config = config
+        for _, layer in new.resq_layers():
+            if layer.residual is not None and hasattr(layer.residual, "policy"):
+                layer.residual.policy = implementation
+        new.reset()
+        return new
+
+    def with_refresh(self, refresh: Any) -> ResQModel:
+        """A copy of this (calibrated) model with other refresh policies; no recalibration.
+
+        Args:
+            refresh: As ``ResQConfig.refresh`` (``None`` for the fixed period). A policy that
+                needs fitting (an :class:`~resq_brevitas.ErrorBudgetRefresh` without
+                coefficients) needs :func:`resq_brevitas.calibrate` again.
+
+        Returns:
+            A new ResQModel (deep copy, reset).
+        """
+        config = replace(self.config, refresh=refresh)  # validates
+        new = copy.deepcopy(self)
+        new.config = config
+        new.refresh_triggers = nn.ModuleList(
+            t for t in (build_refresh(r) for r in config.refresh) if t is not None)
+        new.reset()
+        return new
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"input_spec": self.input_spec, "calibrated": self.calibrated,
-                "error_polynomial": self.error_polynomial}
+                "config": self.config.to_dict()}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         spec = state.get("input_spec")
         self.input_spec = tuple(spec) if spec is not None else None  # type: ignore[assignment]
         self.calibrated = bool(state.get("calibrated", False))
-        poly = state.get("error_polynomial")
-        if poly is not None:
-            self.error_polynomial = tuple(float(c) for c in poly)
+        saved = state.get("config")
+        if saved is not None and saved != self.config.to_dict():
+            differ = sorted(k for k in saved if saved.get(k) != self.config.to_dict().get(k))
+            warnings.warn(f"the loaded state was saved from a model built with another config "
+                          f"(fields {differ} differ); the model keeps its own", stacklevel=2)
 
     # ------------------------------------------------------------------ validation
     def check_frame(self, frame: Any, name: str = "frame") -> None:
         """Raise a clear error if ``frame`` cannot continue the current stream."""
-        if not isinstance(frame, Tensor):
-            raise TypeError(
-                f"{name} must be a torch.Tensor [B, C, ...], got {type(frame).__name__}"
-            )
-        if not frame.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {frame.dtype}")
-        if frame.dim() < 2:
-            raise ValueError(
-                f"{name} must be [B, C, ...] (rank >= 2), got shape {tuple(frame.shape)}"
-            )
-        if frame.shape[0] == 0:
-            raise ValueError(
-                f"{name} must have at least one batch row, got shape {tuple(frame.shape)}"
-            )
-        if self.input_spec is not None:
-            rank, channels = self.input_spec
-            if frame.dim() != rank:
-                raise ValueError(
-                    f"{name} must have rank {rank} ([B, C, ...]), got rank {frame.dim()} "
-                    f"(shape {tuple(frame.shape)})"
-                )
-            if frame.shape[1] != channels:
-                raise ValueError(
-                    f"{name} must have {channels} channels (dim 1), got {frame.shape[1]} "
-                    f"(shape {tuple(frame.shape)})"
-                )
-        if self._stream_shape is not None and tuple(frame.shape) != self._stream_shape:
-            raise ValueError(
-                f"{name} shape changed mid-stream: expected {self._stream_shape}, got "
-                f"{tuple(frame.shape)}; call reset() to start a new stream"
-            )
-        if not bool(torch.isfinite(frame).all()):
-            raise ValueError(f"{name} contains NaN or Inf values")
+        check_frame(frame, name, self.input_spec, self._stream.shape)
 
     def _check_video(self, video: Any) -> None:
         if not isinstance(video, Tensor):
@@ -196,68 +280,66 @@ class ResQModel(nn.Module):
                 f"video must have rank {self.input_spec[0] + 1} ([B, T, C, ...]), got rank "
                 f"{video.dim()} (shape {tuple(video.shape)})"
             )
-        saved, self._stream_shape = self._stream_shape, None  # a clip starts a fresh stream
-        try:
-            self.check_frame(video[:, 0], name="video frame")
-        finally:
-            self._stream_shape = saved
+        # A clip starts a fresh stream; frame 0 stands for the clip, and all of it must be finite.
+        check_frame(video[:, 0], "video frame", self.input_spec)
         if not bool(torch.isfinite(video).all()):
             raise ValueError("video contains NaN or Inf values")
 
     # ------------------------------------------------------------------ running
-    def run_step(self, frame: Tensor, detach: bool, observer: Observer | None = None,
-                 adaptive: bool = True) -> tuple[Any, dict[str, LayerCost]]:
-        """One frame through the model; state is committed only if the forward succeeds.
-
-        Args:
-            frame: ``[B, C, ...]``, already validated.
-            detach: Detach the stored references from autograd (streaming).
-            observer: Optional calibration hook (see :class:`StepContext`).
-            adaptive: Let the configured refresh policies force keyframes (calibration runs the
-                fixed schedule only).
-
-        Returns:
-            The model output and the per-layer cost records of this frame. The step's context
-            (key mask, bit maps, forced rows) is kept in ``self.last_context``.
-        """
-        config = self.config
+    def _step_inputs(self, frame: Tensor, adaptive: bool, observer: Observer | None
+                     ) -> tuple[StepInputs, Tensor, Tensor]:
+        """The frame's inputs, its phases and the rows ``before_frame`` triggers forced."""
         rows = frame.shape[0]
-        phase = self._phase
-        if phase is None:
-            phase = torch.zeros(rows, dtype=torch.long)
+        stream = self._stream
+        phase = stream.phase if stream.phase is not None else torch.zeros(rows, dtype=torch.long)
         key_mask = self.schedule.key_mask(phase)
         forced = torch.zeros(rows, dtype=torch.bool)
-        budget = config.refresh_of(ErrorBudgetRefresh) if adaptive else None
-        if budget is not None and self.error_polynomial is None:
-            raise RuntimeError(
-                "ErrorBudgetRefresh has no fitted polynomial: run resq.calibrate(qm, clips) "
-                "or pass ErrorBudgetRefresh(coefficients=...)"
-            )
-        if budget is not None and self._truncation is not None:
-            assert self.error_polynomial is not None
-            predicted = predict_error_eq8(self.error_polynomial, self._truncation)
-            forced = (predicted > budget.budget) & ~key_mask
-            key_mask = key_mask | forced
-        scene_cut = config.refresh_of(SceneCutRefresh) if adaptive else None
-        keyframe = self.scheme.keyframe
-        ctx = StepContext(
-            key_mask=key_mask.to(frame.device),
+        triggers = tuple(self.refresh_triggers) if adaptive else ()
+        status = StreamStatus(phase, key_mask, stream.energy)
+        for trigger in triggers:
+            if hasattr(trigger, "before_frame"):
+                rows_flagged = trigger.before_frame(status)
+                if rows_flagged is not None:
+                    forced |= rows_flagged.cpu() & ~key_mask
+        inputs = StepInputs(
+            key_mask=(key_mask | forced).to(frame.device),
+            mode=self._mode,
             observer=observer,
-            reference=config.reference,
-            threshold=config.threshold,
-            policy=config.policy,
-            error_feedback=self.error_feedback,
-            scene_cut=scene_cut.fraction if scene_cut is not None else None,
-            record_bit_maps=self.scheme.is_dynamic,
-            keyframe_act_bits=keyframe.bops_act_bits,
+            first_layer_triggers=tuple(t for t in triggers if hasattr(t, "at_first_layer")),
+            record_density=self.measure_density and observer is None,
+            record_bit_maps=self.scheme.is_dynamic or any(
+                o.scheme.is_dynamic for o in self.config.overrides),
         )
-        layers = self._layers
-        for name, layer in layers:
-            state = self._states[name]
+        return inputs, phase, forced
+
+    def run_frame(self, frame: Tensor, *, adaptive: bool = True, detach: bool = True,
+                  observer: Observer | None = None) -> Any:
+        """One validated frame through the model; the state is committed only on success.
+
+        This is the hook calibration uses; users call :meth:`step` or :meth:`forward`.
+
+        Args:
+            frame: ``[B, C, ...]``, already validated (:meth:`check_frame`).
+            adaptive: Let the refresh triggers force keyframes (calibration runs the fixed
+                schedule only).
+            detach: Detach the stored references from autograd.
+            observer: Optional calibration hook (see :class:`StepInputs`).
+
+        Returns:
+            The model output.
+        """
+        return self._run_frame(frame, adaptive, detach, observer)[0]
+
+    def _run_frame(self, frame: Tensor, adaptive: bool, detach: bool,
+                   observer: Observer | None) -> tuple[Any, tuple[Tensor, Any]]:
+        """:meth:`run_frame`, also returning ``(final key mask, StepOutputs)`` of the frame."""
+        inputs, phase, forced = self._step_inputs(frame, adaptive, observer)
+        ctx = FrameContext(inputs)
+        for state in self._states.values():
             state.context = ctx
-            layer.temporal_slot = state
         try:
-            out = self.model(frame)
+            with attached(self._layers, self._states.__getitem__):
+                out = self.model(frame)
             for state in self._states.values():
                 state.verify()
         except BaseException:
@@ -265,32 +347,40 @@ class ResQModel(nn.Module):
                 state.rollback()
             raise
         finally:
-            for name, layer in layers:
-                layer.temporal_slot = None
-                self._states[name].context = None
+            for state in self._states.values():
+                state.context = None
         for state in self._states.values():
             state.commit(detach=detach)
+        outputs = ctx.outputs
+        assert outputs.forced is not None and outputs.truncated is not None
         final_mask = ctx.key_mask.cpu()
-        assert ctx.cut is not None and ctx.truncated is not None
-        ctx.cut = ctx.cut | forced
-        self._phase = self.schedule.advance(phase, final_mask)
-        previous = self._truncation if self._truncation is not None else torch.zeros(
-            rows, dtype=torch.float64)
-        self._truncation = torch.where(final_mask, torch.zeros_like(previous),
-                                       previous + ctx.truncated)
-        self._stream_shape = tuple(frame.shape)
+        outputs.forced |= forced
+        stream = self._stream
+        stream.phase = self.schedule.advance(phase, final_mask)
+        previous = stream.energy if stream.energy is not None else torch.zeros(
+            frame.shape[0], dtype=torch.float64)
+        stream.energy = torch.where(final_mask, torch.zeros_like(previous),
+                                    previous + outputs.truncated)
+        stream.shape = tuple(frame.shape)
         if self.input_spec is None:
             self.input_spec = (frame.dim(), int(frame.shape[1]))
-        self.last_context = ctx
-        return out, ctx.costs
+        return out, (final_mask, outputs)
 
-    def _record(self, contexts: list[StepContext]) -> None:
-        """Fill ``last_keyframes``, ``last_refreshes`` and ``last_bit_maps`` from a call."""
-        self.last_keyframes = torch.stack([c.key_mask.cpu() for c in contexts], 1)
-        self.last_refreshes = torch.stack([c.cut for c in contexts], 1)  # type: ignore[misc]
-        names = contexts[0].bit_maps.keys()
-        self.last_bit_maps = {n: torch.stack([c.bit_maps[n] for c in contexts], 1)
-                              for n in names if all(n in c.bit_maps for c in contexts)}
+    def keyframe_output(self, frame: Tensor) -> Any:
+        """The output of the keyframe path on every layer (no temporal state read or written)."""
+        return self.model(frame)
+
+    def _record(self, frames: list[tuple[Tensor, Any]]) -> None:
+        """Fill ``last_cost``, ``last_keyframes``, ``last_refreshes`` and ``last_bit_maps``."""
+        tally = CostTally(self.notation)
+        for mask, outputs in frames:
+            tally.add_frame(outputs.costs, mask)
+        self.last_cost = tally.report()
+        self.last_keyframes = torch.stack([mask for mask, _ in frames], 1)
+        self.last_refreshes = torch.stack([o.forced for _, o in frames], 1)
+        names = frames[0][1].bit_maps.keys()
+        self.last_bit_maps = {n: torch.stack([o.bit_maps[n] for _, o in frames], 1)
+                              for n in names if all(n in o.bit_maps for _, o in frames)}
 
     def step(self, frame: Tensor) -> Any:
         """Continue every row's stream with one frame ``[B, C, ...]``.
@@ -303,10 +393,8 @@ class ResQModel(nn.Module):
                 The model's state is unchanged after an error.
         """
         self.check_frame(frame)
-        out, costs = self.run_step(frame, detach=True)
-        self.last_cost = build_report(self.scheme, [costs])
-        assert self.last_context is not None
-        self._record([self.last_context])
+        out, record = self._run_frame(frame, True, True, None)
+        self._record([record])
         return out
 
     def forward(self, video: Tensor) -> Any:
@@ -318,32 +406,30 @@ class ResQModel(nn.Module):
         self._check_video(video)
         saved = self._snapshot()
         self.reset()
-        outputs, records, contexts = [], [], []
+        outputs, frames = [], []
         try:
             for t in range(video.shape[1]):
-                out, costs = self.run_step(video[:, t], detach=False)
+                out, record = self._run_frame(video[:, t], True, False, None)
                 outputs.append(out)
-                records.append(costs)
-                contexts.append(self.last_context)  # type: ignore[arg-type]
+                frames.append(record)
         except BaseException:
             self._restore(saved)
             raise
-        self.last_cost = build_report(self.scheme, records)
-        self._record(contexts)
+        self._record(frames)
         return stack_outputs(outputs)
 
     def _snapshot(self) -> tuple[Any, ...]:
-        refs = {n: (s.x_ref, s.z_ref) for n, s in self._states.items()}
-        return refs, self._phase, self._truncation, self._stream_shape, self.input_spec
+        refs = {n: s.ref for n, s in self._states.items()}
+        return refs, copy.copy(self._stream), self.input_spec
 
     def _restore(self, saved: tuple[Any, ...]) -> None:
-        refs, self._phase, self._truncation, self._stream_shape, self.input_spec = saved
+        refs, self._stream, self.input_spec = saved
         for name, state in self._states.items():
             state.reset()
-            state.x_ref, state.z_ref = refs[name]
+            state.ref = refs[name]
 
     def extra_repr(self) -> str:
-        text = (f"scheme={self.scheme.notation}, period={self.period}, "
+        text = (f"scheme={self.notation}, period={self.period}, "
                 f"reference={self.config.reference!r}, layers={len(self._states)}")
         if self.config.policy is not None:
             text += f", policy={self.config.policy}"
@@ -352,4 +438,3 @@ class ResQModel(nn.Module):
         if self.config.refresh:
             text += f", refresh={self.config.refresh}"
         return text
-

@@ -1,9 +1,15 @@
-"""Keyframe schedule: which batch rows start a new keyframe at this step."""
+"""Keyframe schedule: which batch rows start a new keyframe at this step.
+
+One object, used by the model (per-row phases), the export manifest (its period) and the host
+loop of the ONNX runtime (:meth:`KeyframeSchedule.is_keyframe` on a frame counter).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from resq_brevitas.checks import check_period
 
 __all__ = ["KeyframeSchedule"]
 
@@ -20,9 +26,7 @@ class KeyframeSchedule:
     """
 
     def __init__(self, period: int) -> None:
-        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-            raise ValueError(f"period must be an int >= 1, got {period!r}")
-        self.period = period
+        self.period = check_period(period)
 
     def key_mask(self, phase: Tensor) -> Tensor:
         """Bool ``[B]``: rows that run a keyframe now."""
@@ -31,3 +35,17 @@ class KeyframeSchedule:
     def advance(self, phase: Tensor, key_mask: Tensor) -> Tensor:
         """Phases after a step that used ``key_mask``."""
         return torch.where(key_mask, torch.ones_like(phase), phase + 1)
+
+    def is_keyframe(self, t: int) -> bool:
+        """Whether frame ``t`` (counted from 0 at the stream's start) is a keyframe, for a host
+        loop whose rows share one phase."""
+        return t % self.period == 0
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, KeyframeSchedule) and other.period == self.period
+
+    def __hash__(self) -> int:
+        return hash(self.period)
+
+    def __repr__(self) -> str:
+        return f"KeyframeSchedule(period={self.period})"

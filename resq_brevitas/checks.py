@@ -1,0 +1,131 @@
+"""Argument validators, written once and used by every entry point.
+
+Each raises ``TypeError`` for a value of the wrong type and ``ValueError`` for a value out of
+range, naming the argument, what was expected and what was received.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "check_bool",
+    "check_choice",
+    "check_frame",
+    "check_int",
+    "check_period",
+    "check_real",
+]
+
+
+def check_int(value: Any, name: str, minimum: int | None = None,
+              maximum: int | None = None) -> int:
+    """An ``int`` (not a ``bool``) within ``[minimum, maximum]``.
+
+    Raises:
+        TypeError: If ``value`` is not an int.
+        ValueError: If it is out of range.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and maximum is not None and not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be {minimum}..{maximum}, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def check_period(period: Any, name: str = "period") -> int:
+    """A keyframe period ``T``: an int >= 1."""
+    return check_int(period, name, minimum=1)
+
+
+def check_real(value: Any, name: str, minimum: float = 0.0, strict: bool = False) -> float:
+    """A finite real number ``>= minimum`` (``> minimum`` when ``strict``), as ``float``.
+
+    Raises:
+        TypeError: If ``value`` is not a real number.
+        ValueError: If it is not finite or below the bound.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    low_ok = value > minimum if strict else value >= minimum
+    if not math.isfinite(value) or not low_ok:
+        bound = f"{'>' if strict else '>='} {minimum:g}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return value
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """A real ``bool`` (a truthy string such as ``"no"`` is refused).
+
+    Raises:
+        TypeError: If ``value`` is not a bool.
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    """One of ``choices`` (strings).
+
+    Raises:
+        ValueError: If ``value`` is not one of them.
+    """
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_frame(frame: Any, name: str = "frame", spec: tuple[int, int] | None = None,
+                stream_shape: tuple[int, ...] | None = None) -> None:
+    """Raise a clear error if ``frame`` is not a batch of frames ``[B, C, ...]`` that fits.
+
+    Args:
+        frame: The value to check.
+        name: Argument name for messages.
+        spec: ``(rank incl. batch, channels)`` the model expects, if known.
+        stream_shape: The shape of the stream's earlier frames, if a stream is running.
+
+    Raises:
+        TypeError: Not a floating-point tensor.
+        ValueError: Wrong rank, channels, empty batch, a shape change mid-stream, NaN or Inf.
+    """
+    if not isinstance(frame, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor [B, C, ...], got {type(frame).__name__}")
+    if not frame.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {frame.dtype}")
+    if frame.dim() < 2:
+        raise ValueError(f"{name} must be [B, C, ...] (rank >= 2), got shape {tuple(frame.shape)}")
+    if frame.shape[0] == 0:
+        raise ValueError(
+            f"{name} must have at least one batch row, got shape {tuple(frame.shape)}"
+        )
+    if spec is not None:
+        rank, channels = spec
+        if frame.dim() != rank:
+            raise ValueError(
+                f"{name} must have rank {rank} ([B, C, ...]), got rank {frame.dim()} "
+                f"(shape {tuple(frame.shape)})"
+            )
+        if frame.shape[1] != channels:
+            raise ValueError(
+                f"{name} must have {channels} channels (dim 1), got {frame.shape[1]} "
+                f"(shape {tuple(frame.shape)})"
+            )
+    if stream_shape is not None and tuple(frame.shape) != stream_shape:
+        raise ValueError(
+            f"{name} shape changed mid-stream: expected {stream_shape}, got "
+            f"{tuple(frame.shape)}; call reset() to start a new stream"
+        )
+    if not bool(torch.isfinite(frame).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")

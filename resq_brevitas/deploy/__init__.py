@@ -1,0 +1,53 @@
+"""Deployment along the export pipeline: tracer, step modules, ONNX/QONNX export, manifest,
+runtime, and unrolled clips for FX-graph-mode QAT.
+
+- :mod:`~resq_brevitas.deploy.tracer`: :class:`ResQTracer` (ResQ layers as fx leaves);
+- :mod:`~resq_brevitas.deploy.steps`: :func:`step_modules` (keyframe/residual step modules with
+  explicit state, torch.fx or eager), :func:`export_program` (torch.export);
+- :mod:`~resq_brevitas.deploy.onnx_export`: :func:`export` (QONNX / QCDQ graphs + manifest);
+- :mod:`~resq_brevitas.deploy.manifest`: :class:`Manifest` (written and read by the same code);
+- :mod:`~resq_brevitas.deploy.runtime`: :class:`OnnxStream` (the host loop over the graphs);
+- :mod:`~resq_brevitas.deploy.unroll`: :func:`unroll` (a float clip for ``prepare_qat_fx``).
+
+onnx, onnxruntime and qonnx are imported only when a function needs them.
+"""
+
+from resq_brevitas.deploy.artifacts import ARTIFACT_FORMATS, export_artifacts
+from resq_brevitas.deploy.manifest import MANIFEST_NAME, MANIFEST_VERSION, Manifest
+from resq_brevitas.deploy.onnx_export import FORMATS, export
+from resq_brevitas.deploy.runtime import OnnxStream, qonnx_ir_compat
+from resq_brevitas.deploy.step_modules import KeyframeStep, ResidualStep, StateSpec, StepGraphs
+from resq_brevitas.deploy.steps import (
+    export_program,
+    quant_tensors_disabled,
+    step_graphs,
+    step_modules,
+)
+from resq_brevitas.deploy.tracer import ResQTracer, symbolic_trace, trace_graph
+from resq_brevitas.deploy.unroll import RESIDUAL_PREFIX, export_unrolled, unroll
+
+__all__ = [
+    "ARTIFACT_FORMATS",
+    "FORMATS",
+    "MANIFEST_NAME",
+    "MANIFEST_VERSION",
+    "RESIDUAL_PREFIX",
+    "KeyframeStep",
+    "Manifest",
+    "OnnxStream",
+    "ResQTracer",
+    "ResidualStep",
+    "StateSpec",
+    "StepGraphs",
+    "export",
+    "export_artifacts",
+    "export_program",
+    "export_unrolled",
+    "qonnx_ir_compat",
+    "quant_tensors_disabled",
+    "step_graphs",
+    "step_modules",
+    "symbolic_trace",
+    "trace_graph",
+    "unroll",
+]

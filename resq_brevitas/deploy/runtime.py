@@ -1,0 +1,192 @@
+"""Drive exported keyframe/residual graphs over a stream of frames.
+
+:class:`OnnxStream` is what a deployer would otherwise write by hand around the two graphs that
+:func:`resq_brevitas.export` writes: a frame counter, the state tensors carried from one
+call to the next, a keyframe every ``period`` frames::
+
+    stream = OnnxStream("out/qcdq")          # reads manifest.json, opens two sessions
+    for frame in frames:                     # numpy [B, C, H, W] float32
+        y = stream.step(frame)
+    stream.reset()                           # next frame starts a new stream (a keyframe)
+
+``backend="onnxruntime"`` (default) runs both graphs with onnxruntime (QCDQ graphs);
+``backend="qonnx"`` runs them node by node with ``qonnx.core.onnx_exec.execute_onnx`` (QONNX
+graphs with ``Quant`` nodes, as FINN's reference execution does).
+
+onnxruntime's ``extended``/``all`` graph optimizations fuse ``DequantizeLinear -> Conv ->
+QuantizeLinear`` into integer kernels (QLinearConv) that requantize in one step; their rounding can
+differ from the float graph by an output LSB now and then. ``optimization="basic"`` keeps the
+graph as exported and reproduces the PyTorch model to float rounding.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from resq_brevitas.deploy.manifest import Manifest
+from resq_brevitas.temporal.schedule import KeyframeSchedule
+
+__all__ = ["OnnxStream", "qonnx_ir_compat"]
+
+_BACKENDS = ("onnxruntime", "qonnx")
+_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
+
+
+@contextmanager
+def qonnx_ir_compat(model: Any) -> Iterator[None]:
+    """Let qonnx's node-by-node execution build single-node models onnxruntime accepts.
+
+    qonnx 1.0 wraps each standard node in a fresh model stamped with ``onnx.IR_VERSION``; with
+    onnx >= 1.20 that IR version is newer than what current onnxruntime releases load
+    ("Unsupported model IR version"). Inside this block the stamp is the IR version of ``model``
+    itself (a graph onnxruntime can load), and the previous value is restored on exit. Nothing
+    changes when the installed onnx is not newer than the model.
+
+    Args:
+        model: The ``onnx.ModelProto`` about to be executed or transformed.
+    """
+    import onnx
+
+    previous = onnx.IR_VERSION
+    target = int(getattr(model, "ir_version", previous) or previous)
+    if target >= previous:
+        yield
+        return
+    onnx.IR_VERSION = target
+    try:
+        yield
+    finally:
+        onnx.IR_VERSION = previous
+
+
+class OnnxStream:
+    """Run the exported keyframe and residual graphs over frames, carrying the state.
+
+    Args:
+        out_dir: A directory written by :func:`resq_brevitas.export` (with ``manifest.json``).
+        backend: ``"onnxruntime"`` or ``"qonnx"`` (``execute_onnx``, for QONNX graphs).
+        providers: onnxruntime execution providers (default: CPU).
+        optimization: onnxruntime graph optimization level: ``"disable"``, ``"basic"``,
+            ``"extended"`` or ``"all"`` (onnxruntime's default).
+
+    Raises:
+        FileNotFoundError: If the manifest or a graph file is missing.
+        ValueError: If ``backend`` or ``optimization`` is unknown or the manifest is malformed.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str], backend: str = "onnxruntime",
+                 providers: list[str] | None = None, optimization: str = "all") -> None:
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if optimization not in _OPTIMIZATIONS:
+            raise ValueError(
+                f"optimization must be one of {_OPTIMIZATIONS}, got {optimization!r}"
+            )
+        self.optimization = optimization
+        self.out_dir = Path(out_dir)
+        #: The export's :class:`~resq_brevitas.deploy.manifest.Manifest`.
+        self.manifest = Manifest.read(self.out_dir)
+        if "keyframe" not in self.manifest.files or self.manifest.input is None:
+            raise ValueError(f"{self.out_dir} holds no ResQ step-graph export")
+        self.backend = backend
+        self.schedule = KeyframeSchedule(self.manifest.period)
+        self.frame_name = self.manifest.input.name
+        self.frame_shape = tuple(self.manifest.input.shape)
+        self.state_names = self.manifest.state_names
+        self._runners = {kind: self._open(self.out_dir / name, providers)
+                         for kind, name in self.manifest.files.items()}
+        self.t = 0
+        self.state: list[np.ndarray] = []
+
+    @property
+    def period(self) -> int:
+        """The keyframe period of the host loop."""
+        return self.schedule.period
+
+    def _open(self, path: Path, providers: list[str] | None) -> Any:
+        if not path.is_file():
+            raise FileNotFoundError(f"graph file {path} listed in the manifest is missing")
+        if self.backend == "onnxruntime":
+            import onnxruntime as ort
+
+            levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                      "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                      "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                      "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+            options = ort.SessionOptions()
+            options.graph_optimization_level = levels[self.optimization]
+            session = ort.InferenceSession(str(path), options,
+                                           providers=providers or ["CPUExecutionProvider"])
+            return lambda feeds: session.run(None, feeds)
+        from qonnx.core.modelwrapper import ModelWrapper
+        from qonnx.core.onnx_exec import execute_onnx
+
+        model = ModelWrapper(str(path))
+        outputs = [o.name for o in model.graph.output]
+
+        def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            with qonnx_ir_compat(model.model):
+                result = execute_onnx(model, feeds)
+            return [result[name] for name in outputs]
+
+        return run
+
+    def reset(self) -> None:
+        """Forget the state: the next frame is a keyframe."""
+        self.t = 0
+        self.state = []
+
+    @property
+    def next_is_keyframe(self) -> bool:
+        """Whether the next :meth:`step` runs the keyframe graph."""
+        return self.schedule.is_keyframe(self.t) or "residual" not in self._runners
+
+    def step(self, frame: Any) -> np.ndarray:
+        """Run one frame; returns the model output for it.
+
+        Args:
+            frame: ``[B, C, ...]`` float array (or torch tensor) of the exported shape.
+
+        Raises:
+            ValueError: If the frame's shape differs from the exported one.
+        """
+        x = _as_numpy(frame)
+        if tuple(x.shape) != self.frame_shape:
+            raise ValueError(
+                f"frame must have the exported shape {self.frame_shape}, got {tuple(x.shape)}"
+            )
+        if self.next_is_keyframe:
+            outputs = self._runners["keyframe"]({self.frame_name: x})
+        else:
+            feeds = {self.frame_name: x, **dict(zip(self.state_names, self.state))}
+            outputs = self._runners["residual"](feeds)
+        self.state = list(outputs[1:])
+        self.t += 1
+        return outputs[0]
+
+    def run(self, video: Any) -> np.ndarray:
+        """Run a fresh clip ``[B, T, C, ...]``; outputs stacked on dim 1 (like ``ResQModel``)."""
+        v = _as_numpy(video)
+        if v.ndim != len(self.frame_shape) + 1:
+            raise ValueError(
+                f"video must be [B, T, C, ...] of rank {len(self.frame_shape) + 1}, got shape "
+                f"{tuple(v.shape)}"
+            )
+        self.reset()
+        return np.stack([self.step(v[:, t]) for t in range(v.shape[1])], axis=1)
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"frame must be a numpy array or torch tensor, got {type(value).__name__}")
+    if not np.issubdtype(value.dtype, np.floating):
+        raise TypeError(f"frame must be a floating-point array, got dtype {value.dtype}")
+    return np.ascontiguousarray(value, dtype=np.float32)

@@ -1,0 +1,327 @@
+"""Residual paths: how a ResQ layer quantizes and applies ``delta = x_t - x_ref`` (eq. 5).
+
+One object per kind, chosen once when the layer is built (:func:`build_residual_path`):
+
+- :class:`StaticResidual`: one activation quantizer ``q_Theta_a`` and the residual weight
+  quantizer ``q_Theta_w`` (``W8A8->W4A4``; also an fp32 residual);
+- :class:`ZeroResidual`: a 0-bit activation quantizer (``W8A8->W4A0``): nothing is sent, the
+  layer's residual op is skipped and ``z_t = z_ref``;
+- :class:`PoolResidual`: a pool of activation quantizers ordered by bits (Dynamic-ResQ,
+  ``W8A8->W8A{0,4,8}``) and a precision policy (:class:`PrecisionPolicy`, e.g. the error bound of
+  eq. 9-11) that picks one per pixel.
+
+Every kind owns the same four things: :meth:`ResidualPath.quantize` (what is sent),
+:meth:`ResidualPath.contribution` (its contribution ``q(delta) * q_Theta_w(w)``, no bias),
+:meth:`ResidualPath.calibration_targets` (which quantizers eq. 8 searches, on residuals) and
+:meth:`ResidualPath.cost` (BOPs per residual row). Each holds a bias-free Brevitas view of the
+layer (``view``) whose ``weight`` is the layer's very ``Parameter``: gradients from both paths
+sum into one tensor and ``state_dict`` stores the weight once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import brevitas.nn as qnn
+import torch
+from torch import Tensor, nn
+
+from resq_brevitas.config import Precision
+from resq_brevitas.nn.cost import precision_bops
+from resq_brevitas.quant.quantizers import act_quant, weight_quant
+
+__all__ = [
+    "CalibrationTarget",
+    "PoolResidual",
+    "PrecisionPolicy",
+    "ResidualCost",
+    "ResidualPath",
+    "Sent",
+    "StaticResidual",
+    "ZeroResidual",
+    "build_residual_path",
+    "mix_pool",
+    "value_of",
+]
+
+
+def value_of(tensor: Any) -> Tensor:
+    """The plain tensor of a Brevitas ``QuantTensor`` (or the tensor itself)."""
+    return getattr(tensor, "value", tensor)
+
+
+class Sent(NamedTuple):
+    """What a residual path sends for a residual.
+
+    Attributes:
+        q: The quantized residual ``q(delta)``, or ``None`` when nothing is sent (0 bits).
+        bit_map: Pool paths: ``[R, *S]`` activation bits of each pixel, else ``None``.
+        units: Pool paths: decision units per row (for the policy's cost), else 0.
+    """
+
+    q: Tensor | None
+    bit_map: Tensor | None = None
+    units: int = 0
+
+
+class ResidualCost(NamedTuple):
+    """BOPs of the residual rows of one layer call (float64 ``[R]`` each)."""
+
+    bops: Tensor
+    bits: Tensor
+    policy_bops: Tensor | None
+
+
+@dataclass(frozen=True)
+class CalibrationTarget:
+    """One activation quantizer that eq. 8 calibrates.
+
+    Attributes:
+        path: ``"keyframe"`` (searched on frame inputs) or ``"residual"`` (on residuals).
+        slot: Index among the targets of the same path and layer.
+        bits: The quantizer's bit width.
+        proxy: The Brevitas activation quant proxy whose threshold is set.
+        view: The Brevitas layer whose quantized weight scores the candidates.
+    """
+
+    path: str
+    slot: int
+    bits: int
+    proxy: nn.Module
+    view: nn.Module
+
+
+@runtime_checkable
+class PrecisionPolicy(Protocol):
+    """What a pool residual asks of a precision policy (implemented in :mod:`resq_brevitas.policy`).
+
+    A policy is an ``nn.Module`` (it may own parameters) built from its settings by
+    :func:`resq_brevitas.policy.build_policy`.
+    """
+
+    def select(self, delta: Tensor, quantized: Sequence[Tensor], weight_norm: Tensor,
+               channel_dim: int) -> tuple[Tensor, int]:
+        """Pool index per pixel ``[R, *S]`` and the number of decision units per row."""
+
+    def cost(self, pool_size: int, channels: int, positions: int, units: int,
+             act_bits: int) -> int:
+        """BOPs of the policy's own work on one residual row."""
+
+
+class ResidualPath(nn.Module):
+    """Base class: the residual path of one ResQ layer (see the module docstring).
+
+    Attributes:
+        has_bit_maps: Whether :meth:`quantize` reports per-pixel bits (pools).
+
+    Args:
+        brevitas_class: The layer's Brevitas class (the view is one of these).
+        precision: The residual precision.
+        weight_granularity: ``"tensor"`` or ``"channel"``.
+        layer_kwargs: The layer's constructor arguments (channels, kernel, stride, ...).
+        input_quant: The view's activation quantizer injector.
+    """
+
+    has_bit_maps = False
+
+    def __init__(self, brevitas_class: type[nn.Module], precision: Precision,
+                 weight_granularity: str, layer_kwargs: dict[str, Any],
+                 input_quant: Any) -> None:
+        super().__init__()
+        self.precision = precision
+        kwargs = dict(layer_kwargs)
+        kwargs["bias"] = False
+        self.view = brevitas_class(
+            weight_quant=weight_quant(precision.weight_bits, weight_granularity),
+            input_quant=input_quant, return_quant_tensor=False, **kwargs)
+
+    # The weight is the layer's; the layer ties it (see ``ResQLayerMixin``).
+    @property
+    def weight(self) -> nn.Parameter:
+        """The shared weight ``Parameter``."""
+        return self.view.weight
+
+    def quant_weight(self) -> Tensor:
+        """``q_Theta_w(w)`` (differentiable)."""
+        return value_of(self.view.quant_weight())
+
+    def weight_norm(self, qweight: Tensor | None = None) -> Tensor:
+        """``||q_Theta_w(w)||_F``, the weight factor of eq. 10 (no gradient)."""
+        with torch.no_grad():
+            return (self.quant_weight() if qweight is None else qweight).detach().norm()
+
+    def quantize(self, delta: Tensor) -> Sent:
+        """``q_Theta_a(delta)``: what the path sends."""
+        raise NotImplementedError
+
+    def contribution(self, sent: Sent, **kwargs: Any) -> Tensor:
+        """``q(delta) * q_Theta_w(w)`` (no bias) for what :meth:`quantize` sent (not ``None``).
+
+        Args:
+            sent: From :meth:`quantize`.
+            **kwargs: Extra options of the layer's forward (e.g. ``output_size``).
+        """
+        assert sent.q is not None, "nothing was sent: the contribution is zero"
+        if kwargs:
+            # The Brevitas forward handles extra options; re-quantizing a quantized tensor is
+            # exact, and a pool view has no input quantizer.
+            return value_of(self.view(sent.q, **kwargs))
+        return self.view.inner_forward_impl(sent.q, self.quant_weight(), None)
+
+    def calibration_targets(self) -> list[CalibrationTarget]:
+        """The quantizers eq. 8 calibrates on residuals."""
+        return []
+
+    def cost(self, macs: int, sent: Sent, rows: int, channels: int, positions: int,
+             keyframe_act_bits: int) -> ResidualCost:
+        """BOPs of ``rows`` residual rows (``macs`` per row) at the static precision."""
+        bops = float(precision_bops(macs, self.precision))
+        bits = float(self.precision.bops_act_bits)
+        return ResidualCost(torch.full((rows,), bops, dtype=torch.float64),
+                            torch.full((rows,), bits, dtype=torch.float64), None)
+
+    def density_source(self, delta: Tensor, sent: Sent) -> Tensor:
+        """The tensor whose non-zero share is the residual density (RRM eq. 9)."""
+        return delta
+
+
+class StaticResidual(ResidualPath):
+    """One activation quantizer (or none, fp32) and the residual weight quantizer."""
+
+    def __init__(self, brevitas_class: type[nn.Module], precision: Precision,
+                 weight_granularity: str, layer_kwargs: dict[str, Any]) -> None:
+        bits = precision.act_bits[0] if precision.act_bits else None
+        super().__init__(brevitas_class, precision, weight_granularity, layer_kwargs,
+                         act_quant(bits))
+
+    def quantize(self, delta: Tensor) -> Sent:
+        quant = self.view.input_quant
+        return Sent(value_of(quant(delta)) if quant.is_quant_enabled else delta)
+
+    def calibration_targets(self) -> list[CalibrationTarget]:
+        if self.precision.is_float:
+            return []
+        assert self.precision.act_bits is not None
+        return [CalibrationTarget("residual", 0, self.precision.act_bits[0],
+                                  self.view.input_quant, self.view)]
+
+
+class ZeroResidual(ResidualPath):
+    """A 0-bit activation quantizer: nothing is sent and the residual op is skipped.
+
+    The view keeps Brevitas's zero quantizer so that :func:`resq_brevitas.quantization_disabled`
+    (which switches Brevitas proxies off) runs the residual in floating point, as it must.
+    """
+
+    def __init__(self, brevitas_class: type[nn.Module], precision: Precision,
+                 weight_granularity: str, layer_kwargs: dict[str, Any]) -> None:
+        super().__init__(brevitas_class, precision, weight_granularity, layer_kwargs,
+                         act_quant(0))
+
+    def quantize(self, delta: Tensor) -> Sent:
+        return Sent(None if self.view.input_quant.is_quant_enabled else delta)
+
+    def cost(self, macs: int, sent: Sent, rows: int, channels: int, positions: int,
+             keyframe_act_bits: int) -> ResidualCost:
+        zeros = torch.zeros(rows, dtype=torch.float64)
+        return ResidualCost(zeros, zeros.clone(), None)
+
+
+class PoolResidual(ResidualPath):
+    """A pool of activation quantizers (ascending bits) and the policy that mixes them per pixel.
+
+    Args:
+        brevitas_class: The layer's Brevitas class.
+        precision: A pool precision (``W8A{0,4,8}``).
+        weight_granularity: ``"tensor"`` or ``"channel"``.
+        layer_kwargs: The layer's constructor arguments.
+        policy: The precision policy (shared by all pool layers of a model).
+        channel_dim: The dim of the layer input holding channels (1, or -1 for ``Linear``).
+    """
+
+    has_bit_maps = True
+
+    def __init__(self, brevitas_class: type[nn.Module], precision: Precision,
+                 weight_granularity: str, layer_kwargs: dict[str, Any],
+                 policy: PrecisionPolicy, channel_dim: int) -> None:
+        super().__init__(brevitas_class, precision, weight_granularity, layer_kwargs, None)
+        if not isinstance(policy, PrecisionPolicy):
+            raise TypeError(f"policy must implement PrecisionPolicy (select, cost), got "
+                            f"{type(policy).__name__}")
+        assert precision.act_bits is not None
+        self.pool_bits: tuple[int, ...] = tuple(precision.act_bits)
+        self.pool = nn.ModuleList(qnn.QuantIdentity(act_quant=act_quant(b),
+                                                    return_quant_tensor=False)
+                                  for b in self.pool_bits)
+        self.policy = policy
+        self.channel_dim = channel_dim
+        self.register_buffer("_bits", torch.tensor(self.pool_bits), persistent=False)
+
+    def quantize(self, delta: Tensor) -> Sent:
+        quantized = [value_of(quant(delta)) for quant in self.pool]
+        index, units = self.policy.select(delta, quantized, self.weight_norm(),
+                                          self.channel_dim)
+        return Sent(mix_pool(quantized, index, self.channel_dim),
+                    self._bits.to(index.device)[index], units)
+
+    def calibration_targets(self) -> list[CalibrationTarget]:
+        return [CalibrationTarget("residual", i, bits, quant.act_quant, self.view)
+                for i, (bits, quant) in enumerate(zip(self.pool_bits, self.pool)) if bits]
+
+    def cost(self, macs: int, sent: Sent, rows: int, channels: int, positions: int,
+             keyframe_act_bits: int) -> ResidualCost:
+        assert sent.bit_map is not None
+        bits = sent.bit_map.reshape(rows, -1).double().mean(1).cpu()
+        weight_bits = self.precision.bops_weight_bits
+        policy = self.policy.cost(len(self.pool_bits), channels, positions, sent.units,
+                                  keyframe_act_bits)
+        return ResidualCost(bits * (macs * weight_bits), bits,
+                            torch.full((rows,), float(policy), dtype=torch.float64))
+
+    def density_source(self, delta: Tensor, sent: Sent) -> Tensor:
+        assert sent.bit_map is not None
+        active = (sent.bit_map > 0).unsqueeze(1 if self.channel_dim >= 0 else sent.bit_map.dim())
+        return delta * active
+
+
+def mix_pool(quantized: Sequence[Tensor], index: Tensor, channel_dim: int = 1) -> Tensor:
+    """The residual each pixel sends: ``q_{Pi_p}(delta_p)`` (pool outputs selected per pixel).
+
+    Args:
+        quantized: ``q_i(delta)`` of each pool quantizer (``[R, C, *S]`` or ``[R, *S, C]``).
+        index: ``[R, *S]`` pool index per pixel.
+        channel_dim: 1 (convs) or -1 (``Linear``).
+
+    Returns:
+        The mixed quantized residual (differentiable w.r.t. the pool outputs).
+    """
+    mask_dim = 1 if channel_dim >= 0 else index.dim()
+    index = index.unsqueeze(mask_dim)
+    out = quantized[0]
+    for i in range(1, len(quantized)):
+        out = torch.where(index == i, quantized[i], out)
+    return out
+
+
+def build_residual_path(brevitas_class: type[nn.Module], precision: Precision | None,
+                        weight_granularity: str, layer_kwargs: dict[str, Any],
+                        policy: PrecisionPolicy | None, channel_dim: int
+                        ) -> ResidualPath | None:
+    """The residual path kind for ``precision``, chosen once (``None``: no residual path).
+
+    Raises:
+        ValueError: A pool precision without a policy.
+    """
+    if precision is None:
+        return None
+    if precision.is_pool:
+        if policy is None:
+            raise ValueError(f"residual precision {precision} is a pool and needs a policy")
+        return PoolResidual(brevitas_class, precision, weight_granularity, layer_kwargs, policy,
+                            channel_dim)
+    if precision.act_bits == (0,):
+        return ZeroResidual(brevitas_class, precision, weight_granularity, layer_kwargs)
+    return StaticResidual(brevitas_class, precision, weight_granularity, layer_kwargs)
+

@@ -1,0 +1,42 @@
+"""On the embedded demo, ResQ beats frame quantization at comparable BOPs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import resq_brevitas as resq
+from resq_brevitas.demo.model import load_demo_model
+from resq_brevitas.demo.synthetic import make_clip
+from resq_brevitas.experiments.metrics import sqnr_db
+
+
+@pytest.fixture(scope="module")
+def demo() -> tuple[torch.nn.Module, list[torch.Tensor], torch.Tensor]:
+    model = load_demo_model()
+    calib = [make_clip(7_000 + i, frames=8)[0] for i in range(2)]
+    video = make_clip(9_000, frames=8)[0].unsqueeze(0)
+    return model, calib, video
+
+
+def _sqnr_and_bops(model, calib, video, scheme: str, period: int) -> tuple[float, float]:
+    qm = resq.convert(model, resq.ResQConfig(scheme=scheme, period=period))
+    resq.calibrate(qm, calib, samples=16, candidates=12, progress=False)
+    with torch.no_grad():
+        out = qm(video)
+        ref = torch.stack([model(video[:, t]) for t in range(video.shape[1])], 1)
+    return sqnr_db(ref, out), qm.last_cost.mean_bops
+
+
+def test_resq_beats_frame_quantization_near_equal_bops(demo) -> None:
+    model, calib, video = demo
+    resq_sqnr, resq_bops = _sqnr_and_bops(model, calib, video, "W8A8->W4A4", 4)
+    w8_bops = resq.count_bops(model, tuple(video.shape[2:]), "W8A8").mean_bops
+    assert resq_bops / w8_bops == pytest.approx(0.4375)
+    for frame_scheme, ratio in (("W5A5", 25 / 64), ("W4A4", 16 / 64)):
+        frame_sqnr, frame_bops = _sqnr_and_bops(model, calib, video, frame_scheme, 1)
+        assert frame_bops / w8_bops == pytest.approx(ratio)
+        assert math.isfinite(frame_sqnr)
+        assert resq_sqnr > frame_sqnr, (frame_scheme, resq_sqnr, frame_sqnr)
