@@ -55,11 +55,29 @@ PATHS = ("keyframe", "residual")
 _OBSERVED = {"keyframe": "frame", "residual": "residual"}
 
 
-def _as_batched_clip(clip: object, index: int) -> Tensor:
+def _as_batched_clip(clip: object, index: int, frame_rank: int | None) -> Tensor:
+    """``[B, T, C, ...]`` from a batched or an unbatched clip.
+
+    Args:
+        clip: The clip (or a ``(clip, labels)`` pair).
+        index: Its position, for messages.
+        frame_rank: The rank of a batch of frames ``[B, C, ...]`` the model takes, if known: a
+            clip of that rank is unbatched, one more is batched. Unknown: 4-D clips are taken
+            as unbatched image clips ``[T, C, H, W]``.
+    """
     if isinstance(clip, (tuple, list)) and clip and isinstance(clip[0], Tensor):
         clip = clip[0]  # a (clip, labels) pair from a DataLoader
     if not isinstance(clip, Tensor):
         raise TypeError(f"clips[{index}] must be a torch.Tensor, got {type(clip).__name__}")
+    if frame_rank is not None:
+        if clip.dim() == frame_rank:
+            return clip.unsqueeze(0)
+        if clip.dim() == frame_rank + 1:
+            return clip
+        raise ValueError(
+            f"clips[{index}] must have rank {frame_rank} ([T, C, ...]) or {frame_rank + 1} "
+            f"([B, T, C, ...]) for this model, got shape {tuple(clip.shape)}"
+        )
     if clip.dim() == 4:  # [T, C, H, W]: one unbatched image clip
         return clip.unsqueeze(0)
     if clip.dim() < 3:
@@ -77,7 +95,7 @@ def iter_clip_frames(qm: ResQModel, clips: Iterable[Any], samples: int
     """
     seen = 0
     for index, clip in enumerate(clips):
-        clip = _as_batched_clip(clip, index)
+        clip = _as_batched_clip(clip, index, qm.frame_rank)
         for t in range(clip.shape[1]):
             if seen >= samples:
                 return

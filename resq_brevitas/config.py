@@ -21,7 +21,7 @@ import importlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 from resq_brevitas.checks import check_bool, check_choice, check_int, check_period, check_real
 
@@ -33,7 +33,9 @@ __all__ = [
     "FixedPeriodRefresh",
     "LayerOverride",
     "LineSearch",
+    "PolicySettings",
     "Precision",
+    "RefreshSettings",
     "ResQConfig",
     "Scheme",
     "SceneCutRefresh",
@@ -378,6 +380,18 @@ class SceneCutRefresh:
         object.__setattr__(self, "fraction", check_real(self.fraction, "fraction", strict=True))
 
 
+class PolicySettings(Protocol):
+    """Settings of a precision policy: a frozen dataclass naming its implementation."""
+
+    implementation: ClassVar[str]
+
+
+class RefreshSettings(Protocol):
+    """Settings of a refresh policy (``implementation`` is ``None`` for the fixed period)."""
+
+    implementation: ClassVar[str | None]
+
+
 def _is_setting(value: Any) -> bool:
     """A policy or refresh setting: a dataclass instance naming its implementation."""
     return (dataclasses.is_dataclass(value) and not isinstance(value, type)
@@ -447,12 +461,12 @@ class ResQConfig:
     period: int = 4
     weight_granularity: WeightGranularity = "tensor"
     reference: ReferenceKind = "keyframe"
-    policy: Any = None
+    policy: PolicySettings | None = None
     calibration: LineSearch = field(default_factory=LineSearch)
     fold_bn: bool = True
     strict: bool = False
     threshold: float = 0.0
-    refresh: tuple[Any, ...] = ()
+    refresh: tuple[RefreshSettings, ...] = ()
     error_feedback: bool = True
     overrides: tuple[LayerOverride, ...] = ()
 

@@ -62,9 +62,28 @@ def make_all_layers_net(seed: int = 0) -> AllLayersNet:
 
 
 def make_clip(batch: int = 2, frames: int = 12, channels: int = 3, size: int = 16,
-              seed: int = 0) -> torch.Tensor:
-    """A temporally coherent random clip ``[B, T, C, H, W]``: a base frame plus small drift."""
+              seed: int = 0, drift: float = 0.1) -> torch.Tensor:
+    """A temporally coherent random clip ``[B, T, C, H, W]``: a base frame plus a random walk
+    with steps of standard deviation ``drift``."""
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(batch, 1, channels, size, size, generator=g)
-    drift = 0.1 * torch.randn(batch, frames, channels, size, size, generator=g).cumsum(1)
-    return base + drift
+    walk = drift * torch.randn(batch, frames, channels, size, size, generator=g).cumsum(1)
+    return base + walk
+
+
+def bits_per_mac(scheme: str, period: int = 1) -> float:
+    """Mean ``b_w * b_a`` per MAC over one keyframe period of a static scheme (from the
+    notation, as the paper counts BOPs)."""
+    import resq_brevitas as resq
+
+    parsed = resq.Scheme.parse(scheme)
+    key = parsed.keyframe.bops_weight_bits * parsed.keyframe.bops_act_bits
+    if parsed.residual is None:
+        return float(key)
+    res = parsed.residual.bops_weight_bits * parsed.residual.bops_act_bits
+    return (key + (period - 1) * res) / period
+
+
+def relative_bops(scheme: str, period: int = 1, reference: str = "W8A8") -> float:
+    """BOPs of ``scheme`` at ``period`` relative to frame quantization at ``reference``."""
+    return bits_per_mac(scheme, period) / bits_per_mac(reference)

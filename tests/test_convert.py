@@ -1,4 +1,5 @@
-"""convert (rewriters, BN folding, unsupported layers), config parsing and BOPs."""
+"""convert (rewriters, BN folding, unsupported layers, layer maps, per-layer overrides,
+filter_fn) and BOPs counting."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import resq_brevitas as resq
 from resq_brevitas.nn import DEFAULT_LAYER_MAP, is_resq_layer
-from tests.helpers import make_all_layers_net, make_clip
+from tests.helpers import bits_per_mac, make_all_layers_net, make_clip, relative_bops
 
 
 def test_float_model_untouched_and_all_layers_converted() -> None:
@@ -62,56 +63,6 @@ def test_no_warning_for_supported_model() -> None:
     assert qm.unsupported_layers == ()
 
 
-@pytest.mark.parametrize(
-    "text,key,residual",
-    [
-        ("W8A8->W4A4", (8, (8,)), (4, (4,))),
-        ("w8a8 -> w8a4", (8, (8,)), (8, (4,))),
-        ("W4A4", (4, (4,)), None),
-        ("fp32", (None, None), None),
-        ("W8A8->W8A{0,4,8}", (8, (8,)), (8, (0, 4, 8))),
-        ("fp32->W4A4", (None, None), (4, (4,))),
-    ],
-)
-def test_scheme_notation_parses(text: str, key, residual) -> None:
-    scheme = resq.Scheme.parse(text)
-    assert (scheme.keyframe.weight_bits, scheme.keyframe.act_bits) == key
-    if residual is None:
-        assert scheme.residual is None and scheme.is_frame_quantization
-    else:
-        assert (scheme.residual.weight_bits, scheme.residual.act_bits) == residual
-    assert resq.Scheme.parse(scheme.notation) == scheme
-
-
-@pytest.mark.parametrize(
-    "text",
-    ["", "W8", "A8W8", "W8A8->", "->W4A4", "W8A8->W4A4->W2A2", "W1A1", "W8A17", "W8A{4,0}",
-     "W8A{4,4}", "int8", "W0A8", "W8A0"],
-)
-def test_invalid_scheme_strings_rejected(text: str) -> None:
-    with pytest.raises(ValueError, match="scheme"):
-        resq.ResQConfig(scheme=text)
-
-
-def test_config_validation_errors_name_the_argument() -> None:
-    with pytest.raises(ValueError, match="period must be >= 1, got 0"):
-        resq.ResQConfig(period=0)
-    with pytest.raises(TypeError, match="period must be an int"):
-        resq.ResQConfig(period=2.0)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="weight_granularity"):
-        resq.ResQConfig(weight_granularity="row")
-    with pytest.raises(ValueError, match="reference"):
-        resq.ResQConfig(reference="next")
-    with pytest.raises(TypeError, match="scheme"):
-        resq.ResQConfig(scheme=8)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="candidates"):
-        resq.LineSearch(candidates=1)
-    with pytest.raises(TypeError, match="config"):
-        resq.convert(make_all_layers_net(), "W8A8->W4A4")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="model"):
-        resq.convert("not a model")  # type: ignore[arg-type]
-
-
 class UniformNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -133,12 +84,13 @@ def test_bops_ratio_resq_vs_w8a8() -> None:
         with torch.no_grad():
             qm(clip)
         costs[scheme] = qm.last_cost
-    assert costs["W8A8->W4A4"].relative_to(costs["W8A8"]) == pytest.approx((64 + 3 * 16) / 4 / 64)
+    assert costs["W8A8->W4A4"].relative_to(costs["W8A8"]) == pytest.approx(
+        relative_bops("W8A8->W4A4", 4))
     static = resq.count_bops(net, (3, 16, 16), "W8A8->W4A4", period=4)
     assert static.mean_bops == pytest.approx(costs["W8A8->W4A4"].mean_bops)
-    assert static.per_frame[1] / static.per_frame[0] == pytest.approx(16 / 64)
+    assert static.per_frame[1] / static.per_frame[0] == pytest.approx(relative_bops("W4A4"))
     assert resq.count_bops(net, (3, 16, 16), "W5A5").relative_to(
-        resq.count_bops(net, (3, 16, 16), "W8A8")) == pytest.approx(25 / 64)
+        resq.count_bops(net, (3, 16, 16), "W8A8")) == pytest.approx(relative_bops("W5A5"))
 
 
 def test_per_layer_macs_equal_independent_count() -> None:
@@ -232,3 +184,109 @@ def test_fx_and_eager_bn_detection_agree() -> None:
     net = make_all_layers_net()
     eager = conv_bn_pairs_eager(net, torch.zeros(1, 3, 16, 16))
     assert eager == conv_bn_pairs_fx(net) == [("stem", "bn")]
+
+
+class MyConv1d(nn.Conv1d):
+    """A user's conv subclass that keeps the parent's forward."""
+
+
+class SignalNet(nn.Module):
+    """1-D signal model: a conv, a transposed conv followed by BatchNorm, a custom conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 8, 3, padding=1)
+        # in == out channels: BN folded along the wrong weight axis would not fail, just be wrong.
+        self.up = nn.ConvTranspose1d(8, 8, 4, stride=2, padding=1)
+        self.bn = nn.BatchNorm1d(8)
+        self.mine = MyConv1d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mine(torch.relu(self.bn(self.up(torch.relu(self.conv(x))))))
+
+
+def _signal_net() -> SignalNet:
+    return _randomize_bn(SignalNet())
+
+
+def _signal_clip(frames: int = 6, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 1, 3, 16, generator=g) + 0.1 * torch.randn(
+        2, frames, 3, 16, generator=g).cumsum(1)
+
+
+def test_user_layer_map_converts_folds_on_the_right_axis_and_matches_float() -> None:
+    import brevitas.nn as qnn
+
+    from resq_brevitas.nn import conv_transpose_macs, resq_layer_class
+
+    net = _signal_net()
+    with pytest.warns(UserWarning, match=r"up \(ConvTranspose1d\).*mine \(MyConv1d\)"):
+        default = resq.convert(net)
+    assert [n for n, _ in default.resq_layers()] == ["conv"]
+    resq_transpose1d = resq_layer_class("ResQConvTranspose1d", qnn.QuantConvTranspose1d,
+                                        nn.ConvTranspose1d, conv_transpose_macs,
+                                        output_channel_dim=1)
+    layer_map = {**DEFAULT_LAYER_MAP, nn.ConvTranspose1d: resq_transpose1d,
+                 MyConv1d: DEFAULT_LAYER_MAP[nn.Conv1d]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        qm = resq.convert(net, resq.ResQConfig(period=3), layer_map=layer_map)
+    assert [n for n, _ in qm.resq_layers()] == ["conv", "up", "mine"]
+    assert isinstance(qm.model.bn, nn.Identity)  # folded into the transposed conv
+    clip = _signal_clip()
+    resq.calibrate(qm, [clip[:1, :4]], samples=4, candidates=4, progress=False)
+    with torch.no_grad(), resq.quantization_disabled(qm):
+        out = qm(clip)
+    dense = torch.stack([net(clip[:, t]) for t in range(clip.shape[1])], 1)
+    assert ((out - dense).abs().max() / dense.abs().max()).item() <= 1e-5
+    macs = resq.count_macs(net, (3, 16), layer_map=layer_map)
+    assert qm.last_cost.macs == macs and set(macs) == {"conv", "up", "mine"}
+    with pytest.raises(TypeError, match="layer_map must map"):
+        resq.convert(net, layer_map={nn.Conv1d: nn.Conv1d})
+
+
+def test_per_layer_overrides_set_each_layers_bits_and_cost() -> None:
+    net = make_all_layers_net()
+    config = resq.ResQConfig("W8A8->W4A4", period=4, overrides=(
+        resq.LayerOverride("stem", "W8A8->W8A8"),   # keep the first layer at 8 bits
+        resq.LayerOverride("head", "W8A8"),         # frame quantization: every frame a keyframe
+        resq.LayerOverride("token", "fp32")))       # floating point, counted at 32 bits
+    qm = resq.convert(net, config)
+    layers = dict(qm.resq_layers())
+    assert layers["head"].residual is None and layers["token"].keyframe_precision.is_float
+    resq.calibrate(qm, [make_clip(batch=1, frames=4)[0]], samples=4, candidates=4,
+                   progress=False)
+    clip = make_clip(frames=8)
+    with torch.no_grad():
+        qm(clip)
+    cost = qm.last_cost
+    assert cost.notation == config.notation and "stem: W8A8->W8A8" in cost.notation
+
+    for name, macs in cost.macs.items():
+        expected = {"stem": "W8A8->W8A8", "head": "W8A8", "token": "fp32"}.get(name, "W8A8->W4A4")
+        assert cost.per_layer[name] == pytest.approx(macs * bits_per_mac(expected, 4)), name
+    assert cost.keyframe_share == pytest.approx(2 / 8)  # the model's schedule, not the head's
+    with torch.no_grad(), resq.quantization_disabled(qm):
+        out = qm(clip)["seg"]
+    dense = torch.stack([net(clip[:, t])["seg"] for t in range(8)], 1)
+    assert ((out - dense).abs().max() / dense.abs().max()).item() <= 1e-5
+
+
+def test_filter_fn_leaves_refused_layers_in_float_and_out_of_the_cost() -> None:
+    net = make_all_layers_net()
+    qm = resq.convert(net, filter_fn=lambda module, name: not name.startswith("se."))
+    assert qm.skipped_layers == ("se.fc1", "se.fc2")
+    assert type(qm.model.se.fc1) is nn.Linear and not is_resq_layer(qm.model.se.fc2)
+    resq.calibrate(qm, [make_clip(batch=1, frames=4)[0]], samples=4, candidates=4,
+                   progress=False)
+    clip = make_clip(frames=4)
+    with torch.no_grad(), resq.quantization_disabled(qm):
+        out = qm(clip)["seg"]
+    assert not {"se.fc1", "se.fc2"} & set(qm.last_cost.macs)
+    dense = torch.stack([net(clip[:, t])["seg"] for t in range(4)], 1)
+    assert ((out - dense).abs().max() / dense.abs().max()).item() <= 1e-5
+    with pytest.raises(TypeError, match="filter_fn must be callable"):
+        resq.convert(net, filter_fn="se")
+    with pytest.raises(TypeError, match="already converted"):
+        resq.convert(qm)

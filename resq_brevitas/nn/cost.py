@@ -137,11 +137,6 @@ class CostReport:
         total = sum(m for m, _ in weights)
         return sum(m * d for m, d in weights) / total if total else math.nan
 
-    @property
-    def total_macs(self) -> int:
-        """MACs of one frame through all counted layers."""
-        return sum(self.macs.values())
-
     def relative_to(self, other: CostReport) -> float:
         """This report's mean BOPs over ``other``'s."""
         return self.mean_bops / other.mean_bops

@@ -21,9 +21,10 @@ from torch.ao.quantization.observer import (
     UniformQuantizationObserverBase,
 )
 
-from resq_brevitas.config import Precision, Scheme
+from resq_brevitas.checks import check_choice
+from resq_brevitas.config import Precision, ResQConfig, Scheme
 
-from .core import LineSearchRangeMixin
+from .core import LineSearchRangeMixin, unrolled_sites
 
 __all__ = ["LineSearchObserver", "resq_qconfig", "unrolled_qconfig_mapping"]
 
@@ -80,10 +81,7 @@ def resq_qconfig(act_bits: int = 8, weight_bits: int = 8, *, qat: bool = False,
     """
     act_bits = _check_bits(act_bits, "act_bits")
     weight_bits = _check_bits(weight_bits, "weight_bits")
-    if weight_granularity not in ("tensor", "channel"):
-        raise ValueError(
-            f"weight_granularity must be 'tensor' or 'channel', got {weight_granularity!r}"
-        )
+    check_choice(weight_granularity, "weight_granularity", ("tensor", "channel"))
     if act_dtype not in (torch.quint8, torch.qint8):
         raise ValueError(f"act_dtype must be torch.quint8 or torch.qint8, got {act_dtype}")
     act_min = 0 if act_dtype == torch.quint8 else -(2 ** (act_bits - 1))
@@ -119,37 +117,34 @@ def _precision_qconfig(precision: Precision, path: str, **kwargs: Any) -> QConfi
     return resq_qconfig(precision.act_bits[0], precision.weight_bits, **kwargs)
 
 
-def unrolled_qconfig_mapping(unrolled: torch.nn.Module, scheme: str | Scheme, *,
+def unrolled_qconfig_mapping(unrolled: torch.nn.Module, scheme: str | Scheme | ResQConfig, *,
                              qat: bool = True, **kwargs: Any) -> QConfigMapping:
     """``QConfigMapping`` giving keyframe and residual call sites of an unrolled clip their bits.
 
-    Keyframe call sites (the original layers) get the scheme's keyframe precision, the residual
-    twins its residual precision; everything else stays in floating point (global ``None``), so
-    the residual ``x_t - x_0`` and ``+ z_0`` run at full precision as in ResQ. Note that
-    torch.ao also fake-quantizes each call site's *output* at the call site's activation bits.
+    Keyframe call sites (the original layers) get the keyframe precision, the residual twins the
+    residual precision; everything else stays in floating point (global ``None``), so the
+    residual ``x_t - x_0`` and ``+ z_0`` run at full precision as in ResQ. Note that torch.ao
+    also fake-quantizes each call site's *output* at the call site's activation bits.
 
     Args:
         unrolled: A GraphModule from :func:`resq_brevitas.deploy.unroll`.
-        scheme: ``"W8A8->W4A4"``-style notation or a Scheme.
+        scheme: ``"W8A8->W4A4"``-style notation or a Scheme, or the model's
+            :class:`~resq_brevitas.ResQConfig` (per-layer overrides, weight granularity and
+            line-search settings taken from it).
         qat: Fake-quant (``prepare_qat_fx``) or observers (``prepare_fx``).
-        **kwargs: Passed to :func:`resq_qconfig` (candidates, samples, weight_granularity, ...).
+        **kwargs: Passed to :func:`resq_qconfig` (candidates, samples, weight_granularity, ...);
+            they override the config's.
 
     Returns:
         The mapping.
     """
-    if not hasattr(unrolled, "residual_sites") or not hasattr(unrolled, "keyframe_sites"):
-        raise TypeError(
-            "unrolled must be a GraphModule from resq_brevitas.deploy.unroll, got "
-            f"{type(unrolled).__name__}"
-        )
-    scheme = Scheme.parse(scheme)
+    sites, defaults = unrolled_sites(unrolled, scheme)
+    options = {**defaults, **kwargs}
     mapping = QConfigMapping().set_global(None)
-    key_qconfig = _precision_qconfig(scheme.keyframe, "keyframe", qat=qat, **kwargs)
-    for site in unrolled.keyframe_sites:
-        mapping.set_module_name(site, key_qconfig)
-    if unrolled.residual_sites:
-        residual = scheme.residual if scheme.residual is not None else scheme.keyframe
-        res_qconfig = _precision_qconfig(residual, "residual", qat=qat, **kwargs)
-        for twin in unrolled.residual_sites.values():
-            mapping.set_module_name(twin, res_qconfig)
+    cache: dict[tuple[str, Precision], QConfig | None] = {}
+    for setting in sites:
+        key = (setting.path, setting.precision)
+        if key not in cache:
+            cache[key] = _precision_qconfig(setting.precision, setting.path, qat=qat, **options)
+        mapping.set_module_name(setting.site, cache[key])
     return mapping

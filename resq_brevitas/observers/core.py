@@ -36,9 +36,67 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from resq_brevitas.config import Precision, ResQConfig, Scheme
 from resq_brevitas.quant.line_search import LinearOp, StreamingLineSearch
 
-__all__ = ["Consumer", "LineSearchRangeMixin", "bits_of_range", "identity_op"]
+__all__ = ["Consumer", "LineSearchRangeMixin", "SiteSetting", "bits_of_range", "identity_op",
+           "unrolled_sites"]
+
+
+@dataclass(frozen=True)
+class SiteSetting:
+    """The precision of one call site of an unrolled clip, and where it comes from.
+
+    Attributes:
+        site: The call site's module name (a layer or its residual twin).
+        path: ``"keyframe"`` or ``"residual"``.
+        precision: Its precision.
+    """
+
+    site: str
+    path: str
+    precision: Precision
+
+
+def unrolled_sites(unrolled: Any, scheme: str | Scheme | ResQConfig
+                   ) -> tuple[list[SiteSetting], dict[str, Any]]:
+    """Every call site of an unrolled clip with its precision, for the torch.ao and pt2e bindings.
+
+    Args:
+        unrolled: A GraphModule from :func:`resq_brevitas.deploy.unroll`.
+        scheme: A notation or Scheme (every layer alike), or a :class:`~resq_brevitas.ResQConfig`
+            (per-layer overrides, and its weight granularity and line-search settings).
+
+    Returns:
+        The sites, and the defaults the config implies (``weight_granularity``, ``candidates``,
+        ``samples``; empty for a bare scheme).
+
+    Raises:
+        TypeError: If ``unrolled`` does not come from ``unroll``.
+    """
+    if not hasattr(unrolled, "residual_sites") or not hasattr(unrolled, "keyframe_sites"):
+        raise TypeError(
+            "unrolled must be a GraphModule from resq_brevitas.deploy.unroll, got "
+            f"{type(unrolled).__name__}"
+        )
+    if isinstance(scheme, ResQConfig):
+        config = scheme
+        scheme_of = config.scheme_of
+        defaults: dict[str, Any] = {"weight_granularity": config.weight_granularity,
+                                    "candidates": config.calibration.candidates,
+                                    "samples": config.calibration.samples}
+    else:
+        parsed = Scheme.parse(scheme)
+        scheme_of = lambda name: parsed  # noqa: E731  (one scheme for every layer)
+        defaults = {}
+    sites = [SiteSetting(site, "keyframe", scheme_of(site).keyframe)
+             for site in unrolled.keyframe_sites]
+    for layer, twin in unrolled.residual_sites.items():
+        layer_scheme = scheme_of(layer)
+        residual = layer_scheme.residual if layer_scheme.residual is not None else (
+            layer_scheme.keyframe)
+        sites.append(SiteSetting(twin, "residual", residual))
+    return sites, defaults
 
 
 def identity_op(x: Tensor, weight: Tensor) -> Tensor:

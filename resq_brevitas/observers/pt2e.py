@@ -33,9 +33,10 @@ except ImportError as err:  # pragma: no cover - exercised only without torchao
         f"observers in resq_brevitas.observers work without it ({err})"
     ) from err
 
-from resq_brevitas.config import Precision, Scheme
+from resq_brevitas.checks import check_choice
+from resq_brevitas.config import Precision, ResQConfig, Scheme
 
-from .core import LineSearchRangeMixin
+from .core import LineSearchRangeMixin, unrolled_sites
 
 __all__ = ["PT2ELineSearchObserver", "ResQQuantizer", "resq_pt2e_quantizer"]
 
@@ -97,10 +98,7 @@ class ResQQuantizer(Quantizer):
                  weight_granularity: str = "tensor", candidates: int = 20,
                  samples: int = 64) -> None:
         super().__init__()
-        if weight_granularity not in ("tensor", "channel"):
-            raise ValueError(
-                f"weight_granularity must be 'tensor' or 'channel', got {weight_granularity!r}"
-            )
+        check_choice(weight_granularity, "weight_granularity", ("tensor", "channel"))
         self.bits = dict(bits or {})
         for name, pair in [*self.bits.items(), ("default", default)]:
             if pair is not None:
@@ -154,29 +152,18 @@ def _pair(precision: Precision | None, path: str) -> tuple[int, int] | None:
     return precision.act_bits[0], precision.weight_bits
 
 
-def resq_pt2e_quantizer(unrolled: torch.nn.Module, scheme: str | Scheme, *, qat: bool = True,
-                        **kwargs: Any) -> ResQQuantizer:
+def resq_pt2e_quantizer(unrolled: torch.nn.Module, scheme: str | Scheme | ResQConfig, *,
+                        qat: bool = True, **kwargs: Any) -> ResQQuantizer:
     """A :class:`ResQQuantizer` for an unrolled clip: keyframe sites and residual twins.
 
     Args:
         unrolled: A GraphModule from :func:`resq_brevitas.deploy.unroll` (export it with
             ``torch.export.export(unrolled, (clip,)).module()`` before ``prepare_qat_pt2e``).
-        scheme: ``"W8A8->W4A4"``-style notation or a Scheme.
+        scheme: ``"W8A8->W4A4"``-style notation or a Scheme, or the model's
+            :class:`~resq_brevitas.ResQConfig` (per-layer overrides and settings).
         qat: Fake-quants (``prepare_qat_pt2e``) or observers (``prepare_pt2e``).
-        **kwargs: Passed to :class:`ResQQuantizer`.
+        **kwargs: Passed to :class:`ResQQuantizer`; they override the config's settings.
     """
-    if not hasattr(unrolled, "residual_sites") or not hasattr(unrolled, "keyframe_sites"):
-        raise TypeError(
-            "unrolled must be a GraphModule from resq_brevitas.deploy.unroll, got "
-            f"{type(unrolled).__name__}"
-        )
-    scheme = Scheme.parse(scheme)
-    bits: dict[str, tuple[int, int] | None] = {}
-    key = _pair(scheme.keyframe, "keyframe")
-    for site in unrolled.keyframe_sites:
-        bits[site] = key
-    residual = _pair(scheme.residual if scheme.residual is not None else scheme.keyframe,
-                     "residual")
-    for twin in unrolled.residual_sites.values():
-        bits[twin] = residual
-    return ResQQuantizer(bits, None, qat=qat, **kwargs)
+    sites, defaults = unrolled_sites(unrolled, scheme)
+    bits = {s.site: _pair(s.precision, s.path) for s in sites}
+    return ResQQuantizer(bits, None, qat=qat, **{**defaults, **kwargs})

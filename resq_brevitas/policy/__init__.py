@@ -19,10 +19,10 @@ from resq_brevitas.policy.refresh import (
     ErrorBudgetTrigger,
     SceneCutTrigger,
     fit_error_polynomial,
-    predict_error_eq8,
+    predict_error_rrm_eq8,
     relative_output_error,
     scene_cut_rows,
-    truncated_energy_eq7,
+    truncated_energy_rrm_eq7,
 )
 
 __all__ = [
@@ -39,9 +39,9 @@ __all__ = [
     "expand_units",
     "fit_error_polynomial",
     "policy_bops",
-    "predict_error_eq8",
+    "predict_error_rrm_eq8",
     "relative_output_error",
     "scene_cut_rows",
     "select_eq11",
-    "truncated_energy_eq7",
+    "truncated_energy_rrm_eq7",
 ]

@@ -4,10 +4,10 @@
   frames.
 - :class:`ErrorBudgetRefresh`, RRM's accumulated-error control: each stream accumulates the l2
   norm of the residual entries truncated by the RRM threshold (RRM eq. 7,
-  :func:`truncated_energy_eq7`); a polynomial without constant term, fitted on calibration clips
-  (:func:`fit_error_polynomial`), maps the sum to a predicted relative output error (RRM eq. 8,
-  :func:`predict_error_eq8`); a keyframe is forced on the stream's next frame when the prediction
-  exceeds the budget.
+  :func:`truncated_energy_rrm_eq7`); a polynomial without constant term, fitted on calibration
+  clips (:func:`fit_error_polynomial`), maps the sum to a predicted relative output error (RRM
+  eq. 8, :func:`predict_error_rrm_eq8`); a keyframe is forced on the stream's next frame when the
+  prediction exceeds the budget.
 - :class:`SceneCutRefresh`: at the first ResQ layer a frame reaches, a residual row whose energy
   exceeds a fraction of its frame's energy is run as a keyframe (:func:`scene_cut_rows`).
 
@@ -33,8 +33,8 @@ from resq_brevitas.policy.base import StreamStatus
 __all__ = [
     "ErrorBudgetTrigger",
     "SceneCutTrigger",
-    "truncated_energy_eq7",
-    "predict_error_eq8",
+    "truncated_energy_rrm_eq7",
+    "predict_error_rrm_eq8",
     "fit_error_polynomial",
     "scene_cut_rows",
     "output_rows",
@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 
-def truncated_energy_eq7(truncated: Tensor) -> Tensor:
+def truncated_energy_rrm_eq7(truncated: Tensor) -> Tensor:
     """One layer's term of RRM eq. 7, ``l2(u_{t,j})``, per batch row.
 
     RRM eq. 7 accumulates ``e_t = sum_t sum_j l2(u_{t,j})`` over frames ``t`` since the last
@@ -58,7 +58,7 @@ def truncated_energy_eq7(truncated: Tensor) -> Tensor:
     return torch.linalg.vector_norm(truncated.detach().flatten(1).double(), dim=1)
 
 
-def predict_error_eq8(coefficients: Sequence[float], energy: Tensor) -> Tensor:
+def predict_error_rrm_eq8(coefficients: Sequence[float], energy: Tensor) -> Tensor:
     """RRM eq. 8, ``e_c = H(e_t; mu)``, with ``H(e) = sum_{k>=1} c_k e^k`` (no constant term).
 
     The constant term is dropped so that a stream without truncation (``e_t = 0``, e.g. a static
@@ -186,7 +186,7 @@ class ErrorBudgetTrigger(nn.Module):
             )
         if stream.energy is None:
             return None
-        return predict_error_eq8(self.coefficients, stream.energy) > self.settings.budget
+        return predict_error_rrm_eq8(self.coefficients, stream.energy) > self.settings.budget
 
     def fit(self, qm: Any, frames: Any, samples: int, progress: bool = False) -> None:
         """Fit RRM eq. 8's polynomial on calibration frames (the model's ranges must be set).

@@ -20,6 +20,7 @@ from brevitas.quant.base import IntQuant, MaxStatsScaling
 from brevitas.quant.solver import ActQuantSolver, WeightQuantSolver
 from torch import Tensor, nn
 
+from resq_brevitas.checks import check_choice
 from resq_brevitas.config import validate_bits
 
 __all__ = [
@@ -156,8 +157,7 @@ def weight_quant(bits: int | None, granularity: str = "tensor") -> type | None:
     if bits is None:
         return None
     bits = validate_bits(bits, "bits")
-    if granularity not in ("tensor", "channel"):
-        raise ValueError(f"granularity must be 'tensor' or 'channel', got {granularity!r}")
+    check_choice(granularity, "granularity", ("tensor", "channel"))
     if bits == 0:
         return ResQZeroWeightQuant
     base = ResQWeightPerChannelQuant if granularity == "channel" else ResQWeightQuant

@@ -155,6 +155,17 @@ class ResQModel(nn.Module):
         yield from self._layers
 
     @property
+    def frame_rank(self) -> int | None:
+        """Rank of a batch of frames ``[B, C, ...]`` the model takes: learnt from the first frame,
+        else read off the first convolution (its weight has the frame's rank), else ``None``."""
+        if self.input_spec is not None:
+            return self.input_spec[0]
+        for _, layer in self._layers:
+            if layer.channel_dim == 1:
+                return layer.weight.dim()
+        return None
+
+    @property
     def in_stream(self) -> bool:
         """Whether a stream is in progress (a frame ran since the last ``reset``)."""
         return self._stream.shape is not None
@@ -244,6 +255,24 @@ class ResQModel(nn.Module):
             t for t in (build_refresh(r) for r in config.refresh) if t is not None)
         new.reset()
         return new
+
+    @staticmethod
+    def config_from_state_dict(state_dict: Mapping[str, Any], prefix: str = "") -> ResQConfig:
+        """The config a saved ``state_dict`` of a ResQModel was built with (to rebuild it:
+        ``resq.convert(float_model, config).load_state_dict(state_dict)``).
+
+        Args:
+            state_dict: From :meth:`state_dict`.
+            prefix: The model's key prefix if it was saved inside a larger model.
+
+        Raises:
+            ValueError: The state dict holds no ResQModel config.
+        """
+        key = prefix + "_extra_state"
+        extra = state_dict.get(key)
+        if not isinstance(extra, Mapping) or "config" not in extra:
+            raise ValueError(f"state_dict has no ResQModel config under {key!r}")
+        return ResQConfig.from_dict(extra["config"])
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"input_spec": self.input_spec, "calibrated": self.calibrated,

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from resq_brevitas.nn.cost import LayerCost
 from resq_brevitas.nn.layers import ResQLayerMixin
-from resq_brevitas.policy.refresh import truncated_energy_eq7
+from resq_brevitas.policy.refresh import truncated_energy_rrm_eq7
 from resq_brevitas.temporal.context import FrameContext
 from resq_brevitas.temporal.step import Reference, StepResult, keyframe_step, residual_step
 
@@ -218,4 +218,4 @@ class LayerState:
         if res.truncated is not None:
             assert ctx.outputs.truncated is not None
             ctx.outputs.truncated += _scatter_rows(rows, res_idx,
-                                                   truncated_energy_eq7(res.truncated))
+                                                   truncated_energy_rrm_eq7(res.truncated))

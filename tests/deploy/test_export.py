@@ -12,13 +12,13 @@ from torch import nn
 
 import resq_brevitas as resq
 from resq_brevitas.deploy import (
-    ARTIFACT_FORMATS,
     OnnxStream,
     export,
     export_artifacts,
     qonnx_ir_compat,
 )
 from resq_brevitas.deploy.steps import step_graphs
+from tests.helpers import make_clip
 
 PERIOD = 4
 FRAMES = 12
@@ -59,11 +59,9 @@ class CheckedNet(StreamNet):
         return super().forward(x)
 
 
-def make_clip(frames: int, seed: int, batch: int = 1, size: int = 8) -> torch.Tensor:
-    """A temporally coherent clip ``[B, T, 3, H, W]``: a base frame plus a small random walk."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(batch, 1, 3, size, size, generator=g)
-    return base + 0.15 * torch.randn(batch, frames, 3, size, size, generator=g).cumsum(1)
+def clip_of(frames: int, seed: int, batch: int = 1) -> torch.Tensor:
+    """The clips of this module: 8x8 frames drifting by 0.15 a frame."""
+    return make_clip(batch=batch, frames=frames, size=8, seed=seed, drift=0.15)
 
 
 def build(net_class: type[nn.Module] = StreamNet, scheme: str = SCHEME,
@@ -74,7 +72,7 @@ def build(net_class: type[nn.Module] = StreamNet, scheme: str = SCHEME,
         net.bn.running_mean.uniform_(-0.3, 0.3)
         net.bn.running_var.uniform_(0.5, 2.0)
     qm = resq.convert(net, resq.ResQConfig(scheme=scheme, period=PERIOD, **config))
-    resq.calibrate(qm, [make_clip(PERIOD, seed=s, batch=2) for s in range(3)], progress=False)
+    resq.calibrate(qm, [clip_of(PERIOD, seed=s, batch=2) for s in range(3)], progress=False)
     return qm.eval()  # deployment semantics: BatchNorm (unfolded in CheckedNet) uses running stats
 
 
@@ -88,7 +86,7 @@ def qm() -> resq.ResQModel:
 
 @pytest.fixture(scope="module")
 def video() -> torch.Tensor:
-    return make_clip(FRAMES, seed=99)
+    return clip_of(FRAMES, seed=99)
 
 
 @pytest.fixture(scope="module")
@@ -327,7 +325,6 @@ def test_onnx_stream_rejects_bad_frames_and_directories(qm, video, tmp_path):
 
 
 def test_export_artifacts_writes_fx_clip(qm, video, tmp_path):
-    assert "fx" in ARTIFACT_FORMATS
     float_model = StreamNet().eval()
     written = export_artifacts(qm, float_model, video[:, 0], tmp_path, ["fx"])
     assert written == {"fx": tmp_path / "fx"}

@@ -13,7 +13,6 @@ from resq_brevitas.deploy import (
     RESIDUAL_PREFIX,
     KeyframeStep,
     ResidualStep,
-    ResQTracer,
     export_program,
     quant_tensors_disabled,
     step_graphs,
@@ -22,6 +21,7 @@ from resq_brevitas.deploy import (
 )
 from resq_brevitas.deploy.steps import KEYFRAME_STEP_PREFIX, RESIDUAL_STEP_PREFIX
 from resq_brevitas.nn import ZeroResidual
+from tests.helpers import make_clip
 
 PERIOD = 4
 
@@ -66,10 +66,9 @@ def make_net(inplace: bool = False, net_class: type[FxNet] = FxNet) -> FxNet:
     return net
 
 
-def make_clip(frames: int, seed: int, batch: int = 2) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(batch, 1, 3, 8, 8, generator=g)
-    return base + 0.15 * torch.randn(batch, frames, 3, 8, 8, generator=g).cumsum(1)
+def clip_of(frames: int, seed: int, batch: int = 2) -> torch.Tensor:
+    """The clips of this module: 8x8 frames drifting by 0.15 a frame."""
+    return make_clip(batch=batch, frames=frames, size=8, seed=seed, drift=0.15)
 
 
 def make_qm(scheme: str = "W8A8->W4A4", inplace: bool = False,
@@ -77,7 +76,7 @@ def make_qm(scheme: str = "W8A8->W4A4", inplace: bool = False,
     """A calibrated ResQ model of an FxNet."""
     net = make_net(inplace, net_class)
     qm = resq.convert(net, resq.ResQConfig(scheme=scheme, period=PERIOD, **config))
-    resq.calibrate(qm, [make_clip(PERIOD, seed=s) for s in range(2)], progress=False)
+    resq.calibrate(qm, [clip_of(PERIOD, seed=s) for s in range(2)], progress=False)
     return qm.eval()
 
 
@@ -104,7 +103,7 @@ def qm() -> resq.ResQModel:
 
 @pytest.fixture(scope="module")
 def video() -> torch.Tensor:
-    return make_clip(12, seed=7)
+    return clip_of(12, seed=7)
 
 
 def test_tracer_keeps_resq_layers_as_call_module_leaves(qm):
@@ -116,7 +115,6 @@ def test_tracer_keeps_resq_layers_as_call_module_leaves(qm):
     inner = [n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")
              and any(str(n.target).startswith(f"{name}.") for name in layers)]
     assert inner == []
-    assert isinstance(ResQTracer(), fx.Tracer)
     with torch.no_grad():
         x = torch.randn(2, 3, 8, 8)
         torch.testing.assert_close(gm(x), qm.model(x))
@@ -261,7 +259,7 @@ def test_step_graphs_reject_non_resq_model_and_pools():
 
 def test_unrolled_float_clip_equals_dense_frames():
     net = make_net(inplace=True)
-    clip = make_clip(PERIOD, seed=3)
+    clip = clip_of(PERIOD, seed=3)
     unrolled = unroll(net, PERIOD, clip)
     with torch.no_grad():
         dense = torch.stack([net(clip[:, t]) for t in range(PERIOD)], 1)
@@ -284,7 +282,7 @@ def test_prepare_qat_fx_gives_keyframe_and_residual_sites_their_bits():
 
     from resq_brevitas.observers import unrolled_qconfig_mapping
 
-    clip = make_clip(PERIOD, seed=4)
+    clip = clip_of(PERIOD, seed=4)
     unrolled = unroll(make_net(), PERIOD, clip)
     mapping = unrolled_qconfig_mapping(unrolled, "W8A8->W4A4", samples=4, candidates=8)
     prepared = prepare_qat_fx(unrolled.train(), mapping, (clip,))
@@ -311,7 +309,7 @@ def test_prepare_qat_fx_gives_keyframe_and_residual_sites_their_bits():
 
 def test_unroll_rejects_bad_input():
     net = make_net()
-    clip = make_clip(PERIOD, seed=0)
+    clip = clip_of(PERIOD, seed=0)
     with pytest.raises(ValueError, match="period must be >= 1, got 0"):
         unroll(net, 0, clip)
     with pytest.raises(TypeError, match="period must be an int"):

@@ -17,7 +17,7 @@ from resq_brevitas.policy import (
     error_maps_eq10,
     expand_units,
     fit_error_polynomial,
-    predict_error_eq8,
+    predict_error_rrm_eq8,
     select_eq11,
 )
 from resq_brevitas.quant import quantize_eq1
@@ -177,11 +177,11 @@ def test_expand_units_inverts_region_blocks() -> None:
 def test_fit_error_polynomial_recovers_known_coefficients() -> None:
     energy = torch.linspace(0, 40, 60, dtype=torch.float64)
     coefficients = (2e-3, -1e-5, 3e-7, 1e-9)
-    error = predict_error_eq8(coefficients, energy)
+    error = predict_error_rrm_eq8(coefficients, energy)
     fitted = fit_error_polynomial(energy, error, degree=4)
-    torch.testing.assert_close(predict_error_eq8(fitted, energy), error, rtol=1e-6,
+    torch.testing.assert_close(predict_error_rrm_eq8(fitted, energy), error, rtol=1e-6,
                                atol=1e-9)
-    assert predict_error_eq8(fitted, torch.zeros(1)).item() == 0.0  # no constant term
+    assert predict_error_rrm_eq8(fitted, torch.zeros(1)).item() == 0.0  # no constant term
     assert fit_error_polynomial(torch.zeros(5), torch.rand(5)) == (0.0,) * 4
     with pytest.raises(ValueError, match="equal length"):
         fit_error_polynomial(torch.ones(3), torch.ones(4))
