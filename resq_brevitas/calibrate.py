@@ -20,6 +20,7 @@ or the residual scheme, so a sweep calibrates them once.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Iterator, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -52,7 +53,7 @@ __all__ = [
 #: The quantizer paths: keyframe (calibrated on frame inputs) and residual (on residuals).
 PATHS = ("keyframe", "residual")
 # Observer kinds of each path's inputs (see resq_brevitas.temporal.context.Observer).
-_OBSERVED = {"keyframe": "frame", "residual": "residual"}
+_OBSERVED = MappingProxyType({"keyframe": "frame", "residual": "residual"})
 
 
 def _as_batched_clip(clip: object, index: int, frame_rank: int | None) -> Tensor:

@@ -42,10 +42,19 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class GraphIO:
-    """The input and output names of one graph, in order."""
+    """The input and output names of one graph, in order.
+
+    Attributes:
+        inputs: The graph's inputs.
+        outputs: Its outputs as the host loop sees them (output, then the state).
+        aliases: Outputs left out of the ONNX file because they equal an input or another
+            output (QONNX graphs for FINN): ``output name -> the input/output it equals``. The
+            runtime re-creates them, so ``outputs`` is what every call returns.
+    """
 
     inputs: list[str]
     outputs: list[str]
+    aliases: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -72,6 +81,8 @@ class Manifest:
         graph_source: ``"torch.fx"`` or ``"eager"`` step modules.
         refresh_not_exported: Refresh policies the host loop does not run (fixed period only).
         how_to_drive: The host loop in words.
+        finn: QONNX graphs: per graph, what :func:`resq_brevitas.deploy.finn.prepare_for_finn`
+            did and what FINN maps only to floating-point layers.
         extra: Format-specific fields (``fx``: call sites for a ``QConfigMapping``).
         version: :data:`MANIFEST_VERSION`.
     """
@@ -93,6 +104,7 @@ class Manifest:
     graph_source: str = ""
     refresh_not_exported: list[str] = field(default_factory=list)
     how_to_drive: list[str] = field(default_factory=list)
+    finn: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     version: int = MANIFEST_VERSION
 

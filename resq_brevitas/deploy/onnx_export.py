@@ -10,7 +10,12 @@ Formats and exporters (both chosen to work with torch 2.13 and brevitas 0.13):
 
 * ``"qonnx"``: QONNX graphs with ``Quant`` nodes (what FINN consumes) at the keyframe bits in
   ``keyframe.onnx`` and at the residual bits in ``residual.onnx``, cleaned with qonnx
-  (shape inference, constant folding, unique names; graph input/output names are kept).
+  (shape inference, constant folding, unique names; graph input/output names are kept), then
+  rewritten so that FINN's builder takes them (:mod:`resq_brevitas.deploy.finn`, exact): outputs
+  that alias an input or another output are left out and listed in the manifest (the runtime
+  re-creates them), post-ReLU quantizers become unsigned with one bit less at the same scale,
+  and state taps get private copies of nodes FINN's conversions delete. ``manifest.finn`` says
+  what FINN can map only to floating-point layers (the float state arithmetic).
 * ``"qcdq"``: ``QuantizeLinear -> Clip -> DequantizeLinear`` graphs that run in onnxruntime
   (bit widths up to 8; weights stored as integers with a ``DequantizeLinear``).
 
@@ -178,6 +183,17 @@ def _cleanup_qonnx(path: Path) -> None:
     model.save(str(path))
 
 
+def _prepare_for_finn(path: Path) -> dict[str, Any]:
+    """Rewrite a cleaned QONNX graph so FINN's builder takes it (exact); its report."""
+    import onnx
+
+    from resq_brevitas.deploy.finn import prepare_for_finn
+
+    model, report = prepare_for_finn(onnx.load(str(path)))
+    onnx.save(model, str(path))
+    return report
+
+
 def _check_onnx(path: Path) -> None:
     import onnx
 
@@ -211,7 +227,7 @@ def _recipe(period: int, has_residual: bool, n_state: int) -> list[str]:
 
 
 def export(qm: ResQModel, example_frame: Tensor, out_dir: str | os.PathLike[str],
-           format: str = "qcdq") -> Manifest:
+           format: str = "qcdq", *, finn: bool = True) -> Manifest:
     """Export a calibrated ResQ model as keyframe/residual ONNX graphs plus ``manifest.json``.
 
     Args:
@@ -221,6 +237,8 @@ def export(qm: ResQModel, example_frame: Tensor, out_dir: str | os.PathLike[str]
             quantization) and ``manifest.json``; created if missing.
         format: ``"qonnx"`` (``Quant`` nodes, for FINN) or ``"qcdq"`` (QuantizeLinear / Clip /
             DequantizeLinear, for onnxruntime; bits <= 8).
+        finn: ``format="qonnx"``: rewrite the graphs so that FINN's builder takes them (exact;
+            see the module docstring). ``False`` writes Brevitas's QONNX graphs as they are.
 
     Returns:
         The :class:`~resq_brevitas.deploy.manifest.Manifest` (also written to
@@ -233,6 +251,8 @@ def export(qm: ResQModel, example_frame: Tensor, out_dir: str | os.PathLike[str]
     """
     check_exportable(qm)
     format = _check_format(format, FORMATS)
+    if not isinstance(finn, bool):
+        raise TypeError(f"finn must be a bool, got {type(finn).__name__} {finn!r}")
     check_example_frame(qm, example_frame)
     if format == "qcdq":
         _check_qcdq_bits(qm)
@@ -269,9 +289,12 @@ def export(qm: ResQModel, example_frame: Tensor, out_dir: str | os.PathLike[str]
         files["residual"] = "residual.onnx"
         _onnx_export(format, res, (frame, *key_out[1:]), out / files["residual"],
                      [FRAME_NAME, *names], [OUTPUT_NAME, *out_names])
-    for path in files.values():
+    reports: dict[str, Any] = {}
+    for kind, path in files.items():
         if format == "qonnx":
             _cleanup_qonnx(out / path)
+            if finn:
+                reports[kind] = _prepare_for_finn(out / path)
         else:
             _check_onnx(out / path)
 
@@ -292,8 +315,10 @@ def export(qm: ResQModel, example_frame: Tensor, out_dir: str | os.PathLike[str]
         output=_tensor_entry(OUTPUT_NAME, key_out[0]),
         state=[_tensor_entry(spec.name, t, spec.layer, spec.kind)
                for spec, t in zip(steps.state, key_out[1:])],
-        keyframe=GraphIO([FRAME_NAME], [OUTPUT_NAME, *names]),
-        residual=(GraphIO([FRAME_NAME, *names], [OUTPUT_NAME, *out_names])
+        keyframe=GraphIO([FRAME_NAME], [OUTPUT_NAME, *names],
+                         reports.get("keyframe", {}).get("aliases", {})),
+        residual=(GraphIO([FRAME_NAME, *names], [OUTPUT_NAME, *out_names],
+                          reports.get("residual", {}).get("aliases", {}))
                   if res is not None else None),
         reference=qm.config.reference,
         threshold=qm.mode.threshold,
@@ -304,6 +329,8 @@ def export(qm: ResQModel, example_frame: Tensor, out_dir: str | os.PathLike[str]
         graph_source=steps.source,
         refresh_not_exported=refresh,
         how_to_drive=_recipe(qm.period, res is not None, len(names)),
+        finn={kind: {k: v for k, v in report.items() if k != "aliases"}
+              for kind, report in reports.items()},
     )
     manifest.write(out)
     return manifest

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from resq_brevitas.deploy.finn import restore_aliases
 from resq_brevitas.deploy.manifest import Manifest
 from resq_brevitas.temporal.schedule import KeyframeSchedule
 
@@ -99,7 +100,7 @@ class OnnxStream:
         self.frame_name = self.manifest.input.name
         self.frame_shape = tuple(self.manifest.input.shape)
         self.state_names = self.manifest.state_names
-        self._runners = {kind: self._open(self.out_dir / name, providers)
+        self._runners = {kind: self._open(kind, self.out_dir / name, providers)
                          for kind, name in self.manifest.files.items()}
         self.t = 0
         self.state: list[np.ndarray] = []
@@ -109,9 +110,11 @@ class OnnxStream:
         """The keyframe period of the host loop."""
         return self.schedule.period
 
-    def _open(self, path: Path, providers: list[str] | None) -> Any:
+    def _open(self, kind: str, path: Path, providers: list[str] | None) -> Any:
+        """A runner ``feeds -> outputs`` (in the manifest's output order) for one graph."""
         if not path.is_file():
             raise FileNotFoundError(f"graph file {path} listed in the manifest is missing")
+        io = getattr(self.manifest, kind)
         if self.backend == "onnxruntime":
             import onnxruntime as ort
 
@@ -123,17 +126,23 @@ class OnnxStream:
             options.graph_optimization_level = levels[self.optimization]
             session = ort.InferenceSession(str(path), options,
                                            providers=providers or ["CPUExecutionProvider"])
-            return lambda feeds: session.run(None, feeds)
-        from qonnx.core.modelwrapper import ModelWrapper
-        from qonnx.core.onnx_exec import execute_onnx
+            names = [o.name for o in session.get_outputs()]
 
-        model = ModelWrapper(str(path))
-        outputs = [o.name for o in model.graph.output]
+            def produce(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                return dict(zip(names, session.run(None, feeds)))
+        else:
+            from qonnx.core.modelwrapper import ModelWrapper
+            from qonnx.core.onnx_exec import execute_onnx
+
+            model = ModelWrapper(str(path))
+
+            def produce(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                with qonnx_ir_compat(model.model):
+                    return execute_onnx(model, feeds)
 
         def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-            with qonnx_ir_compat(model.model):
-                result = execute_onnx(model, feeds)
-            return [result[name] for name in outputs]
+            produced = restore_aliases(io.aliases, feeds, produce(feeds))
+            return [produced[name] for name in io.outputs]
 
         return run
 

@@ -154,9 +154,12 @@ def quant_bits(path) -> dict[str, set[int]]:
     for node in model.graph.node:
         if node.op_type != "Quant":
             continue
-        width = model.get_initializer(node.input[3])
+        width = int(np.asarray(model.get_initializer(node.input[3])).item())
         kind = "weight" if model.get_initializer(node.input[0]) is not None else "act"
-        bits[kind].add(int(np.asarray(width).item()))
+        signed = next((a.i for a in node.attribute if a.name == "signed"), 1)
+        # The FINN rewrite stores a post-ReLU b-bit signed quantizer as an unsigned (b-1)-bit
+        # one at the same scale: count it at the b bits it was calibrated and costed at.
+        bits[kind].add(width if signed else width + 1)
     return bits
 
 
