@@ -8,9 +8,10 @@ weight. The model runs in floating point with its temporal decomposition
 reduces min/max, pass 2 accumulates the per-candidate output SSE. Memory does not grow with
 ``c``; under ``torch.distributed`` both reductions are all-reduced.
 
-Refresh triggers that need fitting (RRM's error budget, whose eq. 8 polynomial was not given)
-are fitted afterwards on the same frames (:meth:`~resq_brevitas.policy.refresh.
-ErrorBudgetTrigger.fit`).
+Refresh triggers and precision policies that need fitting (RRM's error budget, whose eq. 8
+polynomial was not given; a policy solving for an operating point) are fitted afterwards on the
+same frames: ``fit(qm, frames, samples, progress)`` of each object whose ``needs_fit`` is true
+(:meth:`~resq_brevitas.policy.refresh.ErrorBudgetTrigger.fit`).
 
 Ranges can be read, set and copied between models (:func:`activation_ranges`,
 :func:`set_activation_ranges`, :func:`copy_ranges`): keyframe ranges do not depend on the period
@@ -204,7 +205,12 @@ def calibrate(qm: ResQModel, clips: Iterable[Any], *, samples: int | None = None
     by_input: dict[tuple[str, str], list[tuple[str, str, int]]] = {}
     for key in searches:
         by_input.setdefault((key[0], _OBSERVED[key[1]]), []).append(key)
+    # Objects that fit themselves on calibration frames once the ranges are set: refresh
+    # triggers (RRM eq. 8's polynomial) and precision policies (e.g. a target operating point).
     fits = [t for t in qm.refresh_triggers if getattr(t, "needs_fit", False)]
+    policies = {id(p): p for _, layer in qm.resq_layers()
+                if (p := getattr(layer.residual, "policy", None)) is not None}
+    fits += [p for p in policies.values() if getattr(p, "needs_fit", False)]
     fit_refresh = bool(fits) and "residual" in paths and qm.period > 1
 
     def observe_range(name: str, kind: str, x: Tensor) -> None:

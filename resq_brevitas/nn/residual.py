@@ -59,11 +59,14 @@ class Sent(NamedTuple):
         q: The quantized residual ``q(delta)``, or ``None`` when nothing is sent (0 bits).
         bit_map: Pool paths: ``[R, *S]`` activation bits of each pixel, else ``None``.
         units: Pool paths: decision units per row (for the policy's cost), else 0.
+        qweight: ``q_Theta_w(w)`` if :meth:`ResidualPath.quantize` already computed it (the
+            contribution then reuses it).
     """
 
     q: Tensor | None
     bit_map: Tensor | None = None
     units: int = 0
+    qweight: Tensor | None = None
 
 
 class ResidualCost(NamedTuple):
@@ -98,7 +101,9 @@ class PrecisionPolicy(Protocol):
     """What a pool residual asks of a precision policy (implemented in :mod:`resq_brevitas.policy`).
 
     A policy is an ``nn.Module`` (it may own parameters) built from its settings by
-    :func:`resq_brevitas.policy.build_policy`.
+    :func:`resq_brevitas.policy.build_policy`, one per model, shared by its pool layers. It may
+    also have ``needs_fit`` (a property) and ``fit(qm, frames, samples, progress)``, which
+    :func:`resq_brevitas.calibrate` calls on the calibration frames after the ranges are set.
     """
 
     def select(self, delta: Tensor, quantized: Sequence[Tensor], weight_norm: Tensor,
@@ -168,7 +173,8 @@ class ResidualPath(nn.Module):
             # The Brevitas forward handles extra options; re-quantizing a quantized tensor is
             # exact, and a pool view has no input quantizer.
             return value_of(self.view(sent.q, **kwargs))
-        return self.view.inner_forward_impl(sent.q, self.quant_weight(), None)
+        qweight = sent.qweight if sent.qweight is not None else self.quant_weight()
+        return self.view.inner_forward_impl(sent.q, qweight, None)
 
     def calibration_targets(self) -> list[CalibrationTarget]:
         """The quantizers eq. 8 calibrates on residuals."""
@@ -261,10 +267,11 @@ class PoolResidual(ResidualPath):
 
     def quantize(self, delta: Tensor) -> Sent:
         quantized = [value_of(quant(delta)) for quant in self.pool]
-        index, units = self.policy.select(delta, quantized, self.weight_norm(),
+        qweight = self.quant_weight()  # once per call: the policy and the contribution share it
+        index, units = self.policy.select(delta, quantized, self.weight_norm(qweight),
                                           self.channel_dim)
         return Sent(mix_pool(quantized, index, self.channel_dim),
-                    self._bits.to(index.device)[index], units)
+                    self._bits.to(index.device)[index], units, qweight)
 
     def calibration_targets(self) -> list[CalibrationTarget]:
         return [CalibrationTarget("residual", i, bits, quant.act_quant, self.view)
