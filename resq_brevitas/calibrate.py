@@ -48,6 +48,7 @@ __all__ = [
     "calibrate",
     "copy_ranges",
     "iter_clip_frames",
+    "iter_clips",
     "set_activation_ranges",
 ]
 
@@ -109,15 +110,35 @@ def iter_clip_frames(qm: ResQModel, clips: Iterable[Any], samples: int
         raise ValueError("clips must contain at least one frame, got none")
 
 
+def iter_clips(qm: ResQModel, clips: Iterable[Any], samples: int) -> Iterator[Tensor]:
+    """Yield batched clips ``[B, T', C, ...]``, cut so that ``samples`` frames (counted per batch
+    row, as :func:`iter_clip_frames`) are seen in all; every frame is validated."""
+    seen = 0
+    for index, clip in enumerate(clips):
+        if seen >= samples:
+            return
+        clip = _as_batched_clip(clip, index, qm.frame_rank)
+        if clip.shape[1] == 0:
+            continue
+        frames = min(clip.shape[1], -(-(samples - seen) // clip.shape[0]))
+        clip = clip[:, :frames]
+        check_frame(clip[:, 0], "calibration frame", qm.input_spec)
+        if not bool(torch.isfinite(clip).all()):
+            raise ValueError(f"calibration frame of clips[{index}] contains NaN or Inf values")
+        yield clip
+        seen += frames * clip.shape[0]
+    if seen == 0:
+        raise ValueError("clips must contain at least one frame, got none")
+
+
 def _run_pass(qm: ResQModel, clips: Iterable[Any], samples: int, observer: Observer,
               desc: str, progress: bool) -> None:
     bar = tqdm(total=samples, desc=desc, disable=not progress, leave=False)
     try:
-        for starts_clip, frame in iter_clip_frames(qm, clips, samples):
-            if starts_clip:
-                qm.reset()
-            qm.run_frame(frame, adaptive=False, observer=observer)
-            bar.update(frame.shape[0])
+        for clip in iter_clips(qm, clips, samples):
+            qm.reset()  # each clip is a stream of its own
+            qm.run_clip(clip, adaptive=False, observer=observer)
+            bar.update(clip.shape[0] * clip.shape[1])
     finally:
         bar.close()
         qm.reset()

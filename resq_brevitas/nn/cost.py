@@ -76,6 +76,20 @@ class LayerCost:
     residual_density: Tensor | None = None
     frame_density: Tensor | None = None
 
+    def select(self, rows: Tensor) -> LayerCost:
+        """The record of some rows only (``rows``: long indices), e.g. one frame of a clip that
+        ran as one batch."""
+        def pick(values: Tensor | None) -> Tensor | None:
+            return None if values is None else values.index_select(0, rows)
+
+        key = self.key_mask.index_select(0, rows)
+        residual = None if bool(key.all()) else pick(self.residual_bops)
+        return LayerCost(self.macs, key, self.key_bops, residual,
+                         None if residual is None else pick(self.residual_bits),
+                         None if residual is None else pick(self.policy_bops),
+                         None if residual is None else pick(self.residual_density),
+                         pick(self.frame_density))
+
 
 @dataclass
 class CostReport:
@@ -206,64 +220,87 @@ class CostTally:
         self.sparse_work = 0.0
 
     def add_frame(self, records: dict[str, LayerCost], key_mask: Tensor | None = None) -> None:
-        """Add one frame's records (``name -> LayerCost``).
+        """Add one frame's records (``name -> LayerCost`` over the ``B`` streams).
 
         Args:
             records: The layers' records.
             key_mask: Bool ``[B]``: the frame's keyframe rows, for ``keyframe_share`` (default:
                 the first record's).
         """
-        frame = policy_total = sparse = 0.0
-        for name, cost in records.items():
-            bops, policy, frame_sparse = self._add_layer(name, cost)
-            frame += bops
-            policy_total += policy
-            sparse += frame_sparse
         if key_mask is None and records:
             key_mask = next(iter(records.values())).key_mask
+        streams = key_mask.numel() if key_mask is not None else 0
+        self.add_clip(records, streams, 1, None if key_mask is None else key_mask.view(-1, 1))
+
+    def add_clip(self, records: dict[str, LayerCost], streams: int, frames: int,
+                 key_mask: Tensor | None) -> None:
+        """Add the records of ``frames`` frames of ``streams`` streams at once: every record's
+        per-row tensors hold ``streams * frames`` rows, row ``b * frames + t``.
+
+        Args:
+            records: The layers' records.
+            streams: ``B``.
+            frames: ``T``.
+            key_mask: Bool ``[B, T]``: keyframe rows, for ``keyframe_share``.
+        """
+        frame = torch.zeros(frames, dtype=torch.float64)
+        policy = torch.zeros(frames, dtype=torch.float64)
+        sparse = torch.zeros(frames, dtype=torch.float64)
+        for name, cost in records.items():
+            bops, layer_policy, layer_sparse = self._add_layer(name, cost, streams, frames)
+            frame += bops
+            policy += layer_policy
+            sparse += layer_sparse
         if key_mask is not None:
             self.key_rows += int(key_mask.sum())
             self.total_rows += key_mask.numel()
-        self.frames += 1
-        self.per_frame.append(frame)
-        self.per_frame_policy.append(policy_total)
-        self.per_frame_sparse.append(sparse)
+        self.frames += frames
+        self.per_frame.extend(frame.tolist())
+        self.per_frame_policy.extend(policy.tolist())
+        self.per_frame_sparse.extend(sparse.tolist())
 
-    def _add_layer(self, name: str, cost: LayerCost) -> tuple[float, float, float]:
-        """Fold one record in; returns its (BOPs, policy BOPs, zero-skipping BOPs) per row."""
+    def _add_layer(self, name: str, cost: LayerCost, streams: int, frames: int
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+        """Fold one record in; returns its per-frame (BOPs, policy BOPs, zero-skipping BOPs),
+        means over the streams."""
         sums = self.layers.setdefault(name, _Sums())
         self.macs[name] = cost.macs
-        key = cost.key_mask.detach().to("cpu", torch.bool)
+        key = cost.key_mask.detach().to("cpu", torch.bool).view(streams, frames)
         res = ~key
-        rows, n_key = key.numel(), int(key.sum())
-        key_total = n_key * cost.key_bops
-        res_total = policy = res_sparse = 0.0
-        if n_key < rows:
+        n_res = int(res.sum())
+        zero = torch.zeros(frames, dtype=torch.float64)
+        key_total = key.sum(0).double() * cost.key_bops
+        res_total, policy, res_sparse = zero, zero, zero
+
+        def frame_sums(values: Tensor, mask: Tensor) -> Tensor:
+            grid = _cpu(values).view(streams, frames)
+            return torch.where(mask, grid, torch.zeros_like(grid)).sum(0)
+
+        if n_res:
             assert cost.residual_bops is not None and cost.residual_bits is not None
-            res_bops = _cpu(cost.residual_bops)[res]
-            res_total = float(res_bops.sum())
-            sums.bits += float(_cpu(cost.residual_bits)[res].sum())
-            sums.residual_rows += rows - n_key
+            res_total = frame_sums(cost.residual_bops, res)
+            sums.bits += float(frame_sums(cost.residual_bits, res).sum())
+            sums.residual_rows += n_res
             if cost.policy_bops is not None:
-                policy = float(_cpu(cost.policy_bops)[res].sum())
+                policy = frame_sums(cost.policy_bops, res)
             res_sparse = res_total
             if cost.residual_density is not None:
-                density = _cpu(cost.residual_density)[res]
-                sums.density += float(density.sum())
-                sums.density_rows += rows - n_key
-                res_sparse = float((res_bops * density).sum())
+                sums.density += float(frame_sums(cost.residual_density, res).sum())
+                sums.density_rows += n_res
+                res_sparse = frame_sums(_cpu(cost.residual_bops) * _cpu(cost.residual_density),
+                                        res)
         if cost.frame_density is not None:
-            frame_density = _cpu(cost.frame_density)
+            frame_density = _cpu(cost.frame_density).view(streams, frames)
             sums.frame_density += float(frame_density.sum())
-            sums.frame_rows += rows
+            sums.frame_rows += streams * frames
             self.dense_work += cost.macs * float(frame_density.sum())
-            self.sparse_work += cost.macs * float(frame_density[key].sum())
-            residual = (_cpu(cost.residual_density) if cost.residual_density is not None
+            self.sparse_work += cost.macs * float(frame_sums(frame_density, key).sum())
+            residual = (cost.residual_density if cost.residual_density is not None
                         else frame_density)
-            self.sparse_work += cost.macs * float(residual[res].sum())
-        bops = (key_total + res_total + policy) / rows
-        sums.bops += bops
-        return bops, policy / rows, (key_total + res_sparse + policy) / rows
+            self.sparse_work += cost.macs * float(frame_sums(residual, res).sum())
+        bops = (key_total + res_total + policy) / streams
+        sums.bops += float(bops.sum())
+        return bops, policy / streams, (key_total + res_sparse + policy) / streams
 
     def report(self) -> CostReport:
         """The report of every frame added so far."""

@@ -44,6 +44,7 @@ class StepInputs:
         observer: Optional calibration hook.
         first_layer_triggers: Refresh triggers consulted at the frame's first ResQ layer
             (``at_first_layer(x, x_ref)``, e.g. the scene-cut guard).
+        record_costs: Fill ``StepOutputs.costs`` (calibration turns it off).
         record_density: Count non-zero entries for RRM's density and eq. 10 (a host sync per
             layer; calibration turns it off).
         record_bit_maps: Keep the per-pixel bits of pool layers.
@@ -53,6 +54,7 @@ class StepInputs:
     mode: ResidualMode
     observer: Observer | None = None
     first_layer_triggers: tuple[Any, ...] = ()
+    record_costs: bool = True
     record_density: bool = True
     record_bit_maps: bool = False
 

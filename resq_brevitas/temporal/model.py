@@ -23,18 +23,37 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from resq_brevitas.checks import check_frame
 from resq_brevitas.config import ResQConfig, Scheme
 from resq_brevitas.nn.cost import CostReport, CostTally
 from resq_brevitas.nn.layers import DEFAULT_LAYER_MAP, ResQLayerMixin, is_resq_layer
 from resq_brevitas.policy.base import StreamStatus, build_policy, build_refresh
-from resq_brevitas.temporal.context import FrameContext, Observer, StepInputs, attached
+from resq_brevitas.temporal.clip import ClipExecutor, NotBatchable, plan_clip
+from resq_brevitas.temporal.context import (
+    FrameContext,
+    Observer,
+    StepInputs,
+    StepOutputs,
+    attached,
+)
 from resq_brevitas.temporal.schedule import KeyframeSchedule
 from resq_brevitas.temporal.state import LayerState
 from resq_brevitas.temporal.step import ResidualMode
 
 __all__ = ["ResQModel", "StreamState", "stack_outputs"]
+
+
+def _unflatten_rows(leaf: Any, batch: int, frames: int) -> Tensor:
+    """A time-batched output leaf ``[B * T, ...]`` as ``[B, T, ...]``."""
+    if not isinstance(leaf, Tensor):
+        raise TypeError(
+            f"model output must be a Tensor or a tuple/list/dict of them, got {type(leaf).__name__}"
+        )
+    if leaf.dim() == 0 or leaf.shape[0] != batch * frames:
+        raise NotBatchable(f"a model output of shape {tuple(leaf.shape)} has no row per frame")
+    return leaf.unflatten(0, (batch, frames))
 
 
 def stack_outputs(outputs: list[Any]) -> Any:
@@ -51,6 +70,24 @@ def stack_outputs(outputs: list[Any]) -> Any:
     raise TypeError(
         f"model output must be a Tensor or a tuple/list/dict of them, got {type(first).__name__}"
     )
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """What the layers reported for ``frames`` frames of ``batch`` streams that ran together
+    (one frame stepped, or a time-batched chunk); per-row tensors hold row ``b * frames + t``.
+
+    Attributes:
+        key: Bool ``[B, T]``: keyframes (scheduled or forced).
+        outputs: The layers' :class:`~resq_brevitas.temporal.context.StepOutputs`.
+        batch: ``B``.
+        frames: ``T``.
+    """
+
+    key: Tensor
+    outputs: StepOutputs
+    batch: int
+    frames: int
 
 
 @dataclass
@@ -123,6 +160,12 @@ class ResQModel(nn.Module):
         self.last_bit_maps: dict[str, Tensor] = {}
         #: Count non-zero entries for densities and RRM eq. 10 (a host sync per layer and frame).
         self.measure_density = True
+        #: ``"auto"``: clips run time-batched when the mode allows (:attr:`batches_clips`);
+        #: ``"sequential"``: always frame by frame.
+        self.clip_execution = "auto"
+        #: Time-batched clips: at most this many rows (streams x frames) per model call, to
+        #: bound memory on long clips (``None``: the whole clip at once).
+        self.max_frames_per_batch: int | None = None
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -336,10 +379,13 @@ class ResQModel(nn.Module):
             observer=observer,
             first_layer_triggers=tuple(t for t in triggers if hasattr(t, "at_first_layer")),
             record_density=self.measure_density and observer is None,
-            record_bit_maps=self.scheme.is_dynamic or any(
-                o.scheme.is_dynamic for o in self.config.overrides),
+            record_bit_maps=self._records_bit_maps,
         )
         return inputs, phase, forced
+
+    @property
+    def _records_bit_maps(self) -> bool:
+        return self.scheme.is_dynamic or any(o.scheme.is_dynamic for o in self.config.overrides)
 
     def run_frame(self, frame: Tensor, *, adaptive: bool = True, detach: bool = True,
                   observer: Observer | None = None) -> Any:
@@ -360,8 +406,8 @@ class ResQModel(nn.Module):
         return self._run_frame(frame, adaptive, detach, observer)[0]
 
     def _run_frame(self, frame: Tensor, adaptive: bool, detach: bool,
-                   observer: Observer | None) -> tuple[Any, tuple[Tensor, Any]]:
-        """:meth:`run_frame`, also returning ``(final key mask, StepOutputs)`` of the frame."""
+                   observer: Observer | None) -> tuple[Any, CallRecord]:
+        """:meth:`run_frame`, also returning what the layers reported."""
         inputs, phase, forced = self._step_inputs(frame, adaptive, observer)
         ctx = FrameContext(inputs)
         for state in self._states.values():
@@ -393,23 +439,26 @@ class ResQModel(nn.Module):
         stream.shape = tuple(frame.shape)
         if self.input_spec is None:
             self.input_spec = (frame.dim(), int(frame.shape[1]))
-        return out, (final_mask, outputs)
+        return out, CallRecord(final_mask.view(-1, 1), outputs, frame.shape[0], 1)
 
     def keyframe_output(self, frame: Tensor) -> Any:
         """The output of the keyframe path on every layer (no temporal state read or written)."""
         return self.model(frame)
 
-    def _record(self, frames: list[tuple[Tensor, Any]]) -> None:
+    def _record(self, records: list[CallRecord]) -> None:
         """Fill ``last_cost``, ``last_keyframes``, ``last_refreshes`` and ``last_bit_maps``."""
         tally = CostTally(self.notation)
-        for mask, outputs in frames:
-            tally.add_frame(outputs.costs, mask)
+        for record in records:
+            tally.add_clip(record.outputs.costs, record.batch, record.frames, record.key)
         self.last_cost = tally.report()
-        self.last_keyframes = torch.stack([mask for mask, _ in frames], 1)
-        self.last_refreshes = torch.stack([o.forced for _, o in frames], 1)
-        names = frames[0][1].bit_maps.keys()
-        self.last_bit_maps = {n: torch.stack([o.bit_maps[n] for _, o in frames], 1)
-                              for n in names if all(n in o.bit_maps for _, o in frames)}
+        self.last_keyframes = torch.cat([r.key for r in records], 1)
+        forced = [r.outputs.forced.view(r.batch, r.frames) for r in records]
+        self.last_refreshes = torch.cat(forced, 1)
+        names = records[0].outputs.bit_maps.keys()
+        self.last_bit_maps = {
+            n: torch.cat([r.outputs.bit_maps[n].unflatten(0, (r.batch, r.frames))
+                          for r in records], 1)
+            for n in names if all(n in r.outputs.bit_maps for r in records)}
 
     def step(self, frame: Tensor) -> Any:
         """Continue every row's stream with one frame ``[B, C, ...]``.
@@ -426,26 +475,148 @@ class ResQModel(nn.Module):
         self._record([record])
         return out
 
-    def forward(self, video: Tensor) -> Any:
-        """Run a fresh clip ``[B, T, C, ...]``; returns outputs stacked on dim 1 (``[B, T, ...]``).
+    @property
+    def batches_clips(self) -> bool:
+        """Whether :meth:`forward` runs a clip time-batched (every layer once over all frames).
 
-        The state is reset first; afterwards it holds the end of this clip, so :meth:`step` can
-        continue it. Autograd history is kept across the clip (for QAT through time).
+        True with ``clip_execution="auto"`` when residual frames depend only on their keyframe:
+        the ``keyframe`` reference and no adaptive refresh. The ``previous`` reference (each
+        frame's reference is the one before) and refresh triggers (decisions from earlier
+        frames) run frame by frame; so does a model one of whose ResQ layers does not see one
+        row per frame (detected on the fly).
+        """
+        return (self.clip_execution == "auto" and not self._mode.advances
+                and len(self.refresh_triggers) == 0)
+
+    def step_clip(self, video: Tensor) -> Any:
+        """Continue every row's stream with the frames of a clip ``[B, T, C, ...]``.
+
+        The same as calling :meth:`step` on each frame (same outputs, state and ``last_cost``),
+        time-batched when the mode allows: for a stream decoded a chunk of frames at a time.
+
+        Raises:
+            TypeError, ValueError: On a malformed clip, or a shape change mid-stream; the state
+                is unchanged after an error.
         """
         self._check_video(video)
+        if self._stream.shape is not None and tuple(video[:, 0].shape) != self._stream.shape:
+            raise ValueError(
+                f"video frame shape changed mid-stream: expected {self._stream.shape}, got "
+                f"{tuple(video[:, 0].shape)}; call reset() to start a new stream"
+            )
         saved = self._snapshot()
-        self.reset()
-        outputs, frames = [], []
         try:
-            for t in range(video.shape[1]):
-                out, record = self._run_frame(video[:, t], True, False, None)
-                outputs.append(out)
-                frames.append(record)
+            out, frames = self.run_clip(video, detach=True)
         except BaseException:
             self._restore(saved)
             raise
         self._record(frames)
-        return stack_outputs(outputs)
+        return out
+
+    def forward(self, video: Tensor) -> Any:
+        """Run a fresh clip ``[B, T, C, ...]``; returns outputs stacked on dim 1 (``[B, T, ...]``).
+
+        The state is reset first; afterwards it holds the end of this clip, exactly as if the
+        clip had been stepped frame by frame, so :meth:`step` can continue it. Autograd history
+        is kept across the clip (for QAT through time). How the clip runs: see
+        :attr:`batches_clips` and :attr:`max_frames_per_batch`.
+        """
+        self._check_video(video)
+        saved = self._snapshot()
+        self.reset()
+        try:
+            out, frames = self.run_clip(video, detach=False)
+        except BaseException:
+            self._restore(saved)
+            raise
+        self._record(frames)
+        return out
+
+    def run_clip(self, video: Tensor, *, adaptive: bool = True, detach: bool = True,
+                 observer: Observer | None = None) -> tuple[Any, list[CallRecord]]:
+        """Continue every stream with the frames of ``video`` (validated), time-batched when the
+        mode allows (:attr:`batches_clips`), else frame by frame.
+
+        Args:
+            video: ``[B, T, C, ...]``.
+            adaptive: Let refresh triggers force keyframes (calibration: fixed schedule only).
+            detach: Detach the stored references from autograd.
+            observer: Optional calibration hook.
+
+        Returns:
+            The outputs stacked on dim 1, and per frame ``(key mask, StepOutputs)``.
+        """
+        if self.batches_clips or (not adaptive and not self._mode.advances
+                                  and self.clip_execution == "auto"):
+            saved = self._snapshot()
+            try:
+                return self._run_chunks(video, detach, observer)
+            except NotBatchable:
+                self._restore(saved)
+        outputs, frames = [], []
+        for t in range(video.shape[1]):
+            out, record = self._run_frame(video[:, t], adaptive, detach, observer)
+            outputs.append(out)
+            frames.append(record)
+        return stack_outputs(outputs), frames
+
+    def _run_chunks(self, video: Tensor, detach: bool, observer: Observer | None
+                    ) -> tuple[Any, list[CallRecord]]:
+        """The clip in time-batched chunks of at most ``max_frames_per_batch`` rows."""
+        batch, frames = video.shape[:2]
+        limit = self.max_frames_per_batch
+        per_chunk = frames if limit is None else max(1, limit // batch)
+        outputs, records = [], []
+        for start in range(0, frames, per_chunk):
+            out, chunk_records = self._run_chunk(video[:, start:start + per_chunk], detach,
+                                                 observer)
+            outputs.append(out)
+            records.extend(chunk_records)
+        if len(outputs) == 1:
+            return outputs[0], records
+        return tree_map(lambda *leaves: torch.cat(leaves, 1), *outputs), records
+
+    def _run_chunk(self, video: Tensor, detach: bool, observer: Observer | None
+                   ) -> tuple[Any, list[CallRecord]]:
+        """One time-batched chunk ``[B, T', ...]``: every layer once over ``B * T'`` rows."""
+        batch, frames = video.shape[:2]
+        stream = self._stream
+        phase = stream.phase if stream.phase is not None else torch.zeros(batch, dtype=torch.long)
+        plan = plan_clip(self.schedule, phase, frames)
+        rows = plan.key.reshape(-1)
+        inputs = StepInputs(
+            key_mask=rows.to(video.device),
+            mode=self._mode,
+            observer=observer,
+            record_costs=observer is None,
+            record_density=self.measure_density and observer is None,
+            record_bit_maps=self._records_bit_maps,
+        )
+        ctx = FrameContext(inputs)
+        executors = {name: ClipExecutor(state, ctx, plan) for name, state in self._states.items()}
+        try:
+            with attached(self._layers, executors.__getitem__):
+                out = self.model(video.flatten(0, 1))
+            out = tree_map(lambda leaf: _unflatten_rows(leaf, batch, frames), out)
+        except BaseException:
+            for state in self._states.values():
+                state.rollback()
+            raise
+        for state in self._states.values():
+            state.commit(detach=detach)
+        outputs = ctx.outputs
+        assert outputs.truncated is not None
+        truncated = outputs.truncated.view(batch, frames)
+        energy = stream.energy if stream.energy is not None else torch.zeros(
+            batch, dtype=torch.float64)
+        for t in range(frames):  # the frame-by-frame update, in the same order
+            energy = torch.where(plan.key[:, t], torch.zeros_like(energy),
+                                 energy + truncated[:, t])
+        stream.phase, stream.energy = plan.phase, energy
+        stream.shape = (batch, *video.shape[2:])
+        if self.input_spec is None:
+            self.input_spec = (video.dim() - 1, int(video.shape[2]))
+        return out, [CallRecord(plan.key.clone(), outputs, batch, frames)]
 
     def _snapshot(self) -> tuple[Any, ...]:
         refs = {n: s.ref for n, s in self._states.items()}

@@ -27,7 +27,7 @@ from resq_brevitas.policy.refresh import truncated_energy_rrm_eq7
 from resq_brevitas.temporal.context import FrameContext
 from resq_brevitas.temporal.step import Reference, StepResult, keyframe_step, residual_step
 
-__all__ = ["LayerState"]
+__all__ = ["LayerState", "report_residual"]
 
 
 def _rows(values: Tensor, idx: Tensor | None) -> Tensor:
@@ -135,8 +135,8 @@ class LayerState:
                 f"ResQ layer {self.name!r} has no keyframe reference of shape {tuple(x.shape)} "
                 "for a residual frame"
             )
-        rows = x.shape[0]
-        key = torch.ones(rows, dtype=torch.bool) if frame_quantized else ctx.key_mask
+        rows, streams = x.shape[0], ctx.key_mask.shape[0]
+        key = self._row_key_mask(ctx, rows, frame_quantized)
         res: StepResult | None = None
         res_idx: Tensor | None = None
         bit_map = None
@@ -163,13 +163,19 @@ class LayerState:
                     key_bits = bit_map.new_full((key_idx.numel(),) + tuple(bit_map.shape[1:]),
                                                 layer.keyframe_precision.bops_act_bits)
                     bit_map = _assemble(key_idx, key_bits, res_idx, bit_map)
-        macs = layer.macs(tuple(x.shape[1:]), tuple(z.shape[1:]))
-        cost = LayerCost(macs=macs, key_mask=key.cpu(), key_bops=float(layer.keyframe_bops(macs)))
-        if inputs.record_density:
-            cost.frame_density = _nonzero_share(x)
+        cost = None
+        if inputs.record_costs:
+            macs = layer.macs(tuple(x.shape[1:]), tuple(z.shape[1:]))
+            cost = LayerCost(macs=macs, key_mask=key.cpu(),
+                             key_bops=float(layer.keyframe_bops(macs)))
+            if inputs.record_density:
+                cost.frame_density = _nonzero_share(x)
         if res is not None:
-            self._report_residual(layer, ctx, cost, res, res_idx, rows)
-        if inputs.record_bit_maps and layer.residual is not None and layer.residual.has_bit_maps:
+            report_residual(self.name, layer, ctx, cost, res, res_idx, rows)
+        if cost is not None:
+            ctx.outputs.costs[self.name] = cost if rows == streams else _per_stream(cost, streams)
+        if (inputs.record_bit_maps and layer.residual is not None and layer.residual.has_bit_maps
+                and rows == streams):
             if bit_map is None:  # every row a keyframe
                 bit_map = torch.full((rows,) + layer.spatial_shape(x),
                                      layer.keyframe_precision.bops_act_bits, dtype=torch.int8)
@@ -180,14 +186,39 @@ class LayerState:
             z = z.clone()
         if not frame_quantized:
             self._pending = ref
-        ctx.outputs.costs[self.name] = cost
         return z
+
+    def _row_key_mask(self, ctx: FrameContext, rows: int, frame_quantized: bool) -> Tensor:
+        """The keyframe mask over the layer's rows.
+
+        A layer may see a multiple of the stream batch (windows, patches, tokens, heads of each
+        frame): that works whenever all streams share a phase (every row is then a keyframe, or
+        every row a residual), whatever the layout; with mixed phases the rows of each stream
+        are unknown, so it is refused.
+        """
+        streams = ctx.key_mask.shape[0]
+        if frame_quantized:
+            return torch.ones(rows, dtype=torch.bool, device=ctx.key_mask.device)
+        if rows == streams:
+            return ctx.key_mask
+        if rows % streams == 0 and (ctx.all_key or ctx.no_key):
+            return ctx.key_mask[:1].expand(rows)
+        raise RuntimeError(
+            f"ResQ layer {self.name!r} sees {rows} rows for {streams} streams whose keyframe "
+            "phases differ: which rows belong to which stream is unknown; run the streams with "
+            "a shared phase (e.g. qm(video)) or one stream per call"
+        )
 
     def _first_layer_triggers(self, ctx: FrameContext, x: Tensor) -> None:
         """Refresh triggers at the frame's first ResQ layer (e.g. a scene cut): residual rows
         they flag become keyframes from here on."""
         if ctx.all_key or self.ref is None:
             return
+        if x.shape[0] != ctx.key_mask.shape[0]:
+            raise RuntimeError(
+                f"the first ResQ layer {self.name!r} sees {x.shape[0]} rows for "
+                f"{ctx.key_mask.shape[0]} streams: a refresh trigger cannot tell them apart"
+            )
         residual = ~ctx.key_mask
         for trigger in ctx.inputs.first_layer_triggers:
             flagged = trigger.at_first_layer(x, self.ref.x).to(residual.device) & residual
@@ -195,27 +226,64 @@ class LayerState:
                 ctx.force_keyframes(flagged)
                 residual = ~ctx.key_mask
 
-    def _report_residual(self, layer: ResQLayerMixin, ctx: FrameContext, cost: LayerCost,
-                         res: StepResult, res_idx: Tensor | None, rows: int) -> None:
-        """Costs, densities, RRM eq. 7 energy and observations of the residual rows."""
-        inputs = ctx.inputs
-        path = layer.residual
-        assert path is not None
-        if inputs.observer is not None:
-            inputs.observer(self.name, "residual", res.delta)
-        x_res = res.delta
-        residual_cost = path.cost(cost.macs, res.sent, x_res.shape[0],
-                                  x_res.shape[layer.channel_dim],
-                                  layer.spatial_positions(tuple(x_res.shape[1:])),
-                                  layer.keyframe_precision.bops_act_bits)
-        cost.residual_bops = _scatter_rows(rows, res_idx, residual_cost.bops)
-        cost.residual_bits = _scatter_rows(rows, res_idx, residual_cost.bits)
-        if residual_cost.policy_bops is not None:
-            cost.policy_bops = _scatter_rows(rows, res_idx, residual_cost.policy_bops)
-        if inputs.record_density:
-            density = _nonzero_share(path.density_source(res.delta, res.sent))
-            cost.residual_density = _scatter_rows(rows, res_idx, density, fill=float("nan"))
-        if res.truncated is not None:
-            assert ctx.outputs.truncated is not None
-            ctx.outputs.truncated += _scatter_rows(rows, res_idx,
-                                                   truncated_energy_rrm_eq7(res.truncated))
+
+def _per_stream(cost: LayerCost, streams: int) -> LayerCost:
+    """A record over ``k * streams`` rows of one phase as a record over the streams.
+
+    The rows' layout is unknown, so every stream gets the mean over all rows (exact for the
+    per-frame means the reports show): ``k`` rows' MACs and BOPs, the mean bits and densities.
+    """
+    k = cost.key_mask.shape[0] // streams
+
+    def pooled(values: Tensor | None, total: bool) -> Tensor | None:
+        if values is None:
+            return None
+        value = values.double().mean() * (k if total else 1)
+        return value.expand(streams).clone()
+
+    return LayerCost(cost.macs * k, cost.key_mask[:streams].clone(), cost.key_bops * k,
+                     pooled(cost.residual_bops, True), pooled(cost.residual_bits, False),
+                     pooled(cost.policy_bops, True), pooled(cost.residual_density, False),
+                     pooled(cost.frame_density, False))
+
+
+def report_residual(name: str, layer: ResQLayerMixin, ctx: FrameContext,
+                    cost: LayerCost | None, res: StepResult, res_idx: Tensor | None,
+                    rows: int) -> None:
+    """Costs, densities, RRM eq. 7 energy and observations of a layer's residual rows.
+
+    Args:
+        name: The layer's name.
+        layer: The layer.
+        ctx: The frame (or clip) context.
+        cost: The layer's record of this call, completed here (``None``: costs are off).
+        res: The residual step of the residual rows.
+        res_idx: Their row indices (``None``: every row).
+        rows: Rows of the call.
+    """
+    inputs = ctx.inputs
+    path = layer.residual
+    assert path is not None
+    if inputs.observer is not None:
+        inputs.observer(name, "residual", res.delta)
+    if res.truncated is not None:
+        truncated = ctx.outputs.truncated
+        assert truncated is not None
+        energy = _scatter_rows(rows, res_idx, truncated_energy_rrm_eq7(res.truncated))
+        if energy.numel() != truncated.numel():  # k rows per stream, layout unknown: share it
+            energy = (energy.sum() / truncated.numel()).expand_as(truncated)
+        truncated += energy
+    if cost is None:
+        return
+    x_res = res.delta
+    residual_cost = path.cost(cost.macs, res.sent, x_res.shape[0],
+                              x_res.shape[layer.channel_dim],
+                              layer.spatial_positions(tuple(x_res.shape[1:])),
+                              layer.keyframe_precision.bops_act_bits)
+    cost.residual_bops = _scatter_rows(rows, res_idx, residual_cost.bops)
+    cost.residual_bits = _scatter_rows(rows, res_idx, residual_cost.bits)
+    if residual_cost.policy_bops is not None:
+        cost.policy_bops = _scatter_rows(rows, res_idx, residual_cost.policy_bops)
+    if inputs.record_density:
+        density = _nonzero_share(path.density_source(res.delta, res.sent))
+        cost.residual_density = _scatter_rows(rows, res_idx, density, fill=float("nan"))
