@@ -231,6 +231,7 @@ def compare_configs(
     for config in tqdm(configs, desc="schemes", disable=not progress):
         qm = _calibrated_config(float_model, config, calib_clips, keyframe_models,
                                 calibrated_models)
+        qm.measure_density = True  # the table reports densities and RRM's speedup for every row
         outputs, costs = [], []
         with torch.no_grad():
             for batch in clip_batches(eval_clips):

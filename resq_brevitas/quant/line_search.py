@@ -40,7 +40,7 @@ LinearOp = Callable[[Tensor, Tensor], Tensor]
 # any positive value maps zeros to zeros.
 _ZERO_RANGE_THRESHOLD = 1e-8
 # Elements of stacked candidate inputs per op call: bounds the line search's working memory.
-_CHUNK_ELEMENTS = 1 << 22
+_CHUNK_ELEMENTS = 1 << 20
 
 
 def distributed_initialized() -> bool:
@@ -94,8 +94,10 @@ def output_sse(
             view = (-1,) + (1,) * x.dim()
             quantized = quantize_eq1(x.unsqueeze(0), chunk.view(view), bits)
             approx = op(quantized.flatten(0, 1), qweight).unflatten(0, (len(chunk), x.shape[0]))
-            err = (approx - target.unsqueeze(0)).flatten(1)
-            sse.append((err * err).sum(dim=1, dtype=torch.float64))
+            err = approx.sub_(target.unsqueeze(0)).flatten(1)
+            # Squares summed in float64: float16/bfloat16 errors of large activations would
+            # overflow if squared in their own dtype (every candidate inf, argmin meaningless).
+            sse.append(torch.linalg.vector_norm(err, dim=1, dtype=torch.float64).square())
     return torch.cat(sse)
 
 

@@ -73,7 +73,8 @@ def quantize_eq1(x: Tensor, scale: Tensor | float, bits: int) -> Tensor:
         return torch.zeros_like(x)
     scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
     q_min, q_max = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return scale * torch.clamp(torch.round(x / scale), q_min, q_max)
+    # One fresh tensor, then in place: the line search quantizes r candidates of every batch.
+    return torch.div(x, scale).round_().clamp_(q_min, q_max).mul_(scale)
 
 
 class HalfRangeIntScaling(nn.Module):

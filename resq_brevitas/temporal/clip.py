@@ -27,15 +27,10 @@ from resq_brevitas.nn.cost import LayerCost
 from resq_brevitas.nn.layers import ResQLayerMixin
 from resq_brevitas.temporal.context import FrameContext
 from resq_brevitas.temporal.schedule import KeyframeSchedule
-from resq_brevitas.temporal.state import (
-    LayerState,
-    _assemble,
-    _nonzero_share,
-    report_residual,
-)
+from resq_brevitas.temporal.state import LayerState, _nonzero_share, report_residual
 from resq_brevitas.temporal.step import Reference, residual_step
 
-__all__ = ["ClipExecutor", "ClipPlan", "NotBatchable", "plan_clip"]
+__all__ = ["ClipExecutor", "ClipLayout", "ClipPlan", "NotBatchable", "plan_clip"]
 
 
 class NotBatchable(RuntimeError):
@@ -49,6 +44,10 @@ class ClipPlan:
     Rows are ``b * T + t`` (stream ``b``, frame ``t`` of the chunk). References live in a table
     whose first ``B`` entries are the streams' carried references and whose entry ``B + j`` is the
     ``j``-th keyframe row of the chunk (in row order).
+
+    The model runs on the rows in :attr:`order`: the keyframe rows first (in row order), then
+    the residual rows, sorted by their reference; every layer then takes its keyframe rows and
+    its residual rows as two views instead of two gathers.
 
     Attributes:
         batch: Streams ``B``.
@@ -87,6 +86,24 @@ class ClipPlan:
         """Row indices of frame ``t`` (one per stream)."""
         return torch.arange(self.batch) * self.frames + t
 
+    @property
+    def num_key(self) -> int:
+        """Keyframe rows of the chunk."""
+        return int(self.key.sum())
+
+    @property
+    def order(self) -> Tensor:
+        """The rows in the order the model runs them (keyframes first, then residuals by
+        reference)."""
+        residual = self.residual_rows
+        by_ref = torch.sort(self.ref_row.index_select(0, residual), stable=True).indices
+        return torch.cat([self.key_rows, residual.index_select(0, by_ref)])
+
+    @property
+    def inverse(self) -> Tensor:
+        """``inverse[row]``: the position of row ``b * T + t`` in :attr:`order`."""
+        return torch.argsort(self.order)
+
 
 def plan_clip(schedule: KeyframeSchedule, phase: Tensor, frames: int) -> ClipPlan:
     """Plan ``frames`` frames of every stream from the streams' phases (the same schedule
@@ -115,6 +132,30 @@ def plan_clip(schedule: KeyframeSchedule, phase: Tensor, frames: int) -> ClipPla
     return ClipPlan(batch, frames, key, ref_row, current, phase)
 
 
+@dataclass(frozen=True)
+class ClipLayout:
+    """What every layer's executor needs of a plan in run order, computed once per chunk.
+
+    Attributes:
+        keys: Keyframe rows (the first ``keys`` rows in run order).
+        residual_refs: Long ``[rows - keys]``: the table index of each residual row's reference.
+        carried: Whether the table needs the carried references.
+        key_in_order: Bool ``[rows]``: keyframe rows in run order.
+    """
+
+    keys: int
+    residual_refs: Tensor
+    carried: bool
+    key_in_order: Tensor
+
+    @classmethod
+    def of(cls, plan: ClipPlan) -> ClipLayout:
+        order = plan.order
+        keys = plan.num_key
+        return cls(keys, plan.ref_row.index_select(0, order[keys:]), plan.uses_carried,
+                   plan.key.reshape(-1).index_select(0, order))
+
+
 class ClipExecutor:
     """Runs one ResQ layer over a time-batched chunk, following a :class:`ClipPlan`.
 
@@ -128,12 +169,19 @@ class ClipExecutor:
         plan: The plan.
     """
 
-    def __init__(self, state: LayerState, ctx: FrameContext, plan: ClipPlan) -> None:
+    def __init__(self, state: LayerState, ctx: FrameContext, plan: ClipPlan,
+                 layout: ClipLayout) -> None:
         self.state = state
         self.ctx = ctx
         self.plan = plan
+        self.keys = layout.keys
+        self.residual_refs = layout.residual_refs
+        self.carried = layout.carried
+        self.key_in_order = layout.key_in_order
+
 
     def forward(self, layer: ResQLayerMixin, x: Tensor, **kwargs: Any) -> Tensor:
+        """Run ``layer`` on the chunk's rows, which come in :attr:`ClipPlan.order`."""
         state, ctx, plan = self.state, self.ctx, self.plan
         rows = plan.batch * plan.frames
         if x.shape[0] != rows:
@@ -153,14 +201,13 @@ class ClipExecutor:
         ctx.outputs.layers_run += 1
         if layer.residual is None:  # frame quantized: every row through the keyframe path
             z = layer.keyframe_forward(x, **kwargs)
-            self._record(layer, x, z, torch.ones(rows, dtype=torch.bool), None, None)
+            self._record(layer, x, z, torch.ones(rows, dtype=torch.bool), None)
             return z
-        key_idx, res_idx = plan.key_rows, plan.residual_rows
-        device = x.device
-        z_key = layer.keyframe_forward(x.index_select(0, key_idx.to(device)), **kwargs)
-        x_key = x.index_select(0, key_idx.to(device))
-        table_x, table_z = x_key, z_key
-        if plan.uses_carried:
+        keys = self.keys
+        x_key = x[:keys]
+        z_key = layer.keyframe_forward(x_key, **kwargs)
+        table_x, table_z, offset = x_key, z_key, plan.batch
+        if self.carried:
             if state.ref is None or state.ref.x.shape[1:] != x.shape[1:]:
                 raise RuntimeError(
                     f"ResQ layer {state.name!r} has no keyframe reference of shape "
@@ -169,32 +216,31 @@ class ClipExecutor:
             table_x = torch.cat([state.ref.x, x_key])
             table_z = torch.cat([state.ref.z, z_key])
             offset = 0
-        else:
-            offset = plan.batch  # the table starts at the chunk's first keyframe
         res = None
-        if res_idx.numel():
-            refs = (plan.ref_row.index_select(0, res_idx) - offset).to(device)
+        if keys < rows:
+            refs = (self.residual_refs - offset).to(x.device)
             old = Reference(table_x.index_select(0, refs), table_z.index_select(0, refs))
-            res = residual_step(layer.residual, x.index_select(0, res_idx.to(device)), old,
-                                inputs.mode, **kwargs)
-            z = _assemble(key_idx.to(device), z_key, res_idx.to(device), res.z)
+            res = residual_step(layer.residual, x[keys:], old, inputs.mode, **kwargs)
+            z = torch.cat([z_key, res.z])
         else:
             z = z_key.clone()  # the model may write into its output; z_key is referenced below
-        last = (plan.last_ref - offset).to(device)
+        last = (plan.last_ref - offset).to(x.device)
         state._pending = Reference(table_x.index_select(0, last), table_z.index_select(0, last))
-        self._record(layer, x, z, plan.key.reshape(-1), res, res_idx)
+        self._record(layer, x, z, self.key_in_order, res)
         return z
 
     def _record(self, layer: ResQLayerMixin, x: Tensor, z: Tensor, key: Tensor,
-                res: Any, res_idx: Tensor | None) -> None:
+                res: Any) -> None:
+        """Costs, bit maps and observations, all in run order (the model un-permutes them)."""
         ctx, state = self.ctx, self.state
         inputs = ctx.inputs
         rows = x.shape[0]
+        res_idx = None if res is None else torch.arange(self.keys, rows)
         if inputs.record_bit_maps and layer.residual is not None and layer.residual.has_bit_maps:
             bits = layer.keyframe_precision.bops_act_bits
             bit_map = torch.full((rows,) + layer.spatial_shape(x), bits, dtype=torch.int8)
             if res is not None and res.sent.bit_map is not None:
-                bit_map[res_idx] = res.sent.bit_map.to("cpu", torch.int8)
+                bit_map[self.keys:] = res.sent.bit_map.to("cpu", torch.int8)
             ctx.outputs.bit_maps[state.name] = bit_map
         cost = None
         if inputs.record_costs:

@@ -30,7 +30,7 @@ from resq_brevitas.config import ResQConfig, Scheme
 from resq_brevitas.nn.cost import CostReport, CostTally
 from resq_brevitas.nn.layers import DEFAULT_LAYER_MAP, ResQLayerMixin, is_resq_layer
 from resq_brevitas.policy.base import StreamStatus, build_policy, build_refresh
-from resq_brevitas.temporal.clip import ClipExecutor, NotBatchable, plan_clip
+from resq_brevitas.temporal.clip import ClipExecutor, ClipLayout, NotBatchable, plan_clip
 from resq_brevitas.temporal.context import (
     FrameContext,
     Observer,
@@ -45,15 +45,27 @@ from resq_brevitas.temporal.step import ResidualMode
 __all__ = ["ResQModel", "StreamState", "stack_outputs"]
 
 
-def _unflatten_rows(leaf: Any, batch: int, frames: int) -> Tensor:
-    """A time-batched output leaf ``[B * T, ...]`` as ``[B, T, ...]``."""
+def _unflatten_rows(leaf: Any, batch: int, frames: int, inverse: Tensor) -> Tensor:
+    """A time-batched output leaf (rows in run order) as ``[B, T, ...]``."""
     if not isinstance(leaf, Tensor):
         raise TypeError(
             f"model output must be a Tensor or a tuple/list/dict of them, got {type(leaf).__name__}"
         )
     if leaf.dim() == 0 or leaf.shape[0] != batch * frames:
         raise NotBatchable(f"a model output of shape {tuple(leaf.shape)} has no row per frame")
-    return leaf.unflatten(0, (batch, frames))
+    return leaf.index_select(0, inverse).unflatten(0, (batch, frames))
+
+
+def _in_row_order(outputs: StepOutputs, inverse: Tensor) -> StepOutputs:
+    """A time-batched chunk's reports (in run order) in row order ``b * T + t``."""
+    assert outputs.truncated is not None and outputs.forced is not None
+    return StepOutputs(
+        costs={name: cost.select(inverse) for name, cost in outputs.costs.items()},
+        bit_maps={name: bits.index_select(0, inverse) for name, bits in outputs.bit_maps.items()},
+        truncated=outputs.truncated.index_select(0, inverse),
+        forced=outputs.forced.index_select(0, inverse),
+        layers_run=outputs.layers_run,
+    )
 
 
 def stack_outputs(outputs: list[Any]) -> Any:
@@ -158,8 +170,13 @@ class ResQModel(nn.Module):
         #: Dynamic-ResQ: ``name -> int8 [B, T, *S]``, the activation bits each input pixel of
         #: the layer was processed at in the last call (keyframe rows at the keyframe bits).
         self.last_bit_maps: dict[str, Tensor] = {}
-        #: Count non-zero entries for densities and RRM eq. 10 (a host sync per layer and frame).
-        self.measure_density = True
+        #: Count non-zero entries for the residual densities and RRM eq. 10 in ``last_cost`` (a
+        #: count and a host sync per layer and call). On by default where the figures mean
+        #: something to the method: RRM (``reference="previous"`` or a threshold) and
+        #: Dynamic-ResQ pools; set it for other models when you read ``density``/``speedup``.
+        self.measure_density = (config.reference == "previous" or config.threshold > 0
+                                or config.scheme.is_dynamic
+                                or any(o.scheme.is_dynamic for o in config.overrides))
         #: ``"auto"``: clips run time-batched when the mode allows (:attr:`batches_clips`);
         #: ``"sequential"``: always frame by frame.
         self.clip_execution = "auto"
@@ -583,9 +600,10 @@ class ResQModel(nn.Module):
         stream = self._stream
         phase = stream.phase if stream.phase is not None else torch.zeros(batch, dtype=torch.long)
         plan = plan_clip(self.schedule, phase, frames)
-        rows = plan.key.reshape(-1)
+        layout = ClipLayout.of(plan)
+        order, inverse = plan.order, plan.inverse
         inputs = StepInputs(
-            key_mask=rows.to(video.device),
+            key_mask=layout.key_in_order.to(video.device),
             mode=self._mode,
             observer=observer,
             record_costs=observer is None,
@@ -593,18 +611,20 @@ class ResQModel(nn.Module):
             record_bit_maps=self._records_bit_maps,
         )
         ctx = FrameContext(inputs)
-        executors = {name: ClipExecutor(state, ctx, plan) for name, state in self._states.items()}
+        executors = {name: ClipExecutor(state, ctx, plan, layout)
+                     for name, state in self._states.items()}
+        device_inverse = inverse.to(video.device)
         try:
             with attached(self._layers, executors.__getitem__):
-                out = self.model(video.flatten(0, 1))
-            out = tree_map(lambda leaf: _unflatten_rows(leaf, batch, frames), out)
+                out = self.model(video.flatten(0, 1).index_select(0, order.to(video.device)))
+            out = tree_map(lambda leaf: _unflatten_rows(leaf, batch, frames, device_inverse), out)
         except BaseException:
             for state in self._states.values():
                 state.rollback()
             raise
         for state in self._states.values():
             state.commit(detach=detach)
-        outputs = ctx.outputs
+        outputs = _in_row_order(ctx.outputs, inverse)
         assert outputs.truncated is not None
         truncated = outputs.truncated.view(batch, frames)
         energy = stream.energy if stream.energy is not None else torch.zeros(

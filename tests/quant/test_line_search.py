@@ -134,3 +134,20 @@ def test_distributed_all_reduce_matches_single_process(tmp_path) -> None:
     for result in results:
         assert result["threshold"] == single_t
         torch.testing.assert_close(result["sse"], single_sse, rtol=1e-9, atol=0)
+
+
+def test_half_precision_search_does_not_overflow_and_agrees_with_float32() -> None:
+    """Squared errors of large float16 activations overflow float16 (max 65504): the search
+    must accumulate them in float64 and pick the range float32 picks."""
+    g = torch.Generator().manual_seed(0)
+    x = 300 * torch.randn(16, 4, 8, 8, generator=g)
+    weight = torch.randn(6, 4, 3, 3, generator=g)
+
+    def op(inp: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(inp, w, padding=1)
+
+    qweight = quantize_eq1(weight, weight.abs().max() / 127.5, 8)
+    t32, _, sse32 = line_search(x, 8, op, weight, qweight, candidates=12)
+    t16, _, sse16 = line_search(x.half(), 8, op, weight.half(), qweight.half(), candidates=12)
+    assert torch.isfinite(sse16).all() and float(sse16.max()) > 65504
+    assert t16 == pytest.approx(t32, rel=1e-3)
