@@ -120,6 +120,7 @@ def overhead(model, static: resq.ResQConfig, dynamic: resq.ResQConfig, calib, cl
     for label, config in (("static", static), ("dynamic", dynamic)):
         qm = resq.convert(model, config)
         resq.calibrate(qm, calib, progress=False)
+        qm.measure_density = False  # like for like: the policy's own work is what is timed
         models[label] = qm
     video = clip.unsqueeze(0)
     timings: dict[str, list[float]] = {label: [] for label in models}
@@ -136,7 +137,8 @@ def overhead(model, static: resq.ResQConfig, dynamic: resq.ResQConfig, calib, cl
     print(f"static  ResQ {static.scheme} T={static.period}:{'':>10} {1e3 * static_t:8.1f} ms")
     print(f"Dynamic-ResQ {dynamic.scheme} T={dynamic.period} tau={dynamic.policy.tau:g}: "
           f"{1e3 * dynamic_t:8.1f} ms")
-    print(f"ratio dynamic / static: {dynamic_t / static_t:.3f}x (target <= 2x)")
+    print(f"ratio dynamic / static: {dynamic_t / static_t:.3f}x (target <= 1.5x, both "
+          f"time-batched: {models['static'].batches_clips and models['dynamic'].batches_clips})")
 
 
 if __name__ == "__main__":

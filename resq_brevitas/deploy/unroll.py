@@ -24,7 +24,7 @@ from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from resq_brevitas.bn_fold import fold_batch_norms
-from resq_brevitas.checks import check_period
+from resq_brevitas.checks import check_frame, check_period
 from resq_brevitas.config import ResQConfig
 from resq_brevitas.deploy.manifest import Manifest
 from resq_brevitas.deploy.tracer import trace_graph
@@ -276,14 +276,7 @@ def export_unrolled(float_model: nn.Module, period: ResQConfig | int, example_fr
     Returns:
         The manifest.
     """
-    if not isinstance(example_frame, Tensor):
-        raise TypeError(
-            f"example_frame must be a torch.Tensor [B, C, ...], got {type(example_frame).__name__}"
-        )
-    if example_frame.dim() < 2:
-        raise ValueError(
-            f"example_frame must be [B, C, ...], got shape {tuple(example_frame.shape)}"
-        )
+    check_frame(example_frame, "example_frame")
     config = period if isinstance(period, ResQConfig) else None
     period, _ = _mode_of(period)
     clip = example_frame.unsqueeze(1).repeat_interleave(period, dim=1)

@@ -189,15 +189,8 @@ class ClipExecutor:
                 f"ResQ layer {state.name!r} got {x.shape[0]} rows for {plan.batch} streams x "
                 f"{plan.frames} frames"
             )
-        if state._ran:
-            raise RuntimeError(
-                f"ResQ layer {state.name!r} was called twice in one frame; a ResQ layer must be "
-                "called once per forward (reuse the float module for weight sharing)"
-            )
-        state._ran = True
+        state.enter(ctx, x)
         inputs = ctx.inputs
-        if inputs.observer is not None:
-            inputs.observer(state.name, "frame", x)
         ctx.outputs.layers_run += 1
         if layer.residual is None:  # frame quantized: every row through the keyframe path
             z = layer.keyframe_forward(x, **kwargs)

@@ -521,9 +521,13 @@ class ResQModel(nn.Module):
                 f"video frame shape changed mid-stream: expected {self._stream.shape}, got "
                 f"{tuple(video[:, 0].shape)}; call reset() to start a new stream"
             )
+        return self._run_recorded(video, detach=True)
+
+    def _run_recorded(self, video: Tensor, detach: bool) -> Any:
+        """:meth:`run_clip` that restores the state on failure and records ``last_*``."""
         saved = self._snapshot()
         try:
-            out, frames = self.run_clip(video, detach=True)
+            out, frames = self.run_clip(video, detach=detach)
         except BaseException:
             self._restore(saved)
             raise
@@ -542,12 +546,10 @@ class ResQModel(nn.Module):
         saved = self._snapshot()
         self.reset()
         try:
-            out, frames = self.run_clip(video, detach=False)
+            return self._run_recorded(video, detach=False)
         except BaseException:
             self._restore(saved)
             raise
-        self._record(frames)
-        return out
 
     def run_clip(self, video: Tensor, *, adaptive: bool = True, detach: bool = True,
                  observer: Observer | None = None) -> tuple[Any, list[CallRecord]]:

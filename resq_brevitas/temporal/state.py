@@ -111,20 +111,24 @@ class LayerState:
         if not x.is_inference():
             self._input = (x, x._version)
 
-    # ------------------------------------------------------------------ the executor
-    def forward(self, layer: ResQLayerMixin, x: Tensor, **kwargs: Any) -> Tensor:
-        """Run ``layer`` on ``x``: keyframe rows through the keyframe path, others as residuals."""
-        ctx = self.context
-        assert ctx is not None, "LayerState.forward called outside a ResQModel step"
+    def enter(self, ctx: FrameContext, x: Tensor) -> None:
+        """What every executor does first: one call per frame, the frame observation."""
         if self._ran:
             raise RuntimeError(
                 f"ResQ layer {self.name!r} was called twice in one frame; a ResQ layer must be "
                 "called once per forward (reuse the float module for weight sharing)"
             )
         self._ran = True
+        if ctx.inputs.observer is not None:
+            ctx.inputs.observer(self.name, "frame", x)
+
+    # ------------------------------------------------------------------ the executor
+    def forward(self, layer: ResQLayerMixin, x: Tensor, **kwargs: Any) -> Tensor:
+        """Run ``layer`` on ``x``: keyframe rows through the keyframe path, others as residuals."""
+        ctx = self.context
+        assert ctx is not None, "LayerState.forward called outside a ResQModel step"
+        self.enter(ctx, x)
         inputs = ctx.inputs
-        if inputs.observer is not None:
-            inputs.observer(self.name, "frame", x)
         if ctx.first_layer and inputs.first_layer_triggers:
             self._first_layer_triggers(ctx, x)
         ctx.outputs.layers_run += 1

@@ -22,14 +22,6 @@ HELD_OUT_SEED = 7
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _psnr01(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of two normalised videos, measured on the [0, 1] pixel scale."""
-    a01 = (a * STD + MEAN).clamp(0, 1)
-    b01 = (b * STD + MEAN).clamp(0, 1)
-    mse = float((a01 - b01).pow(2).mean())
-    return 10.0 * math.log10(1.0 / mse)
-
-
 # --------------------------------------------------------------------------- synthetic clips
 
 
