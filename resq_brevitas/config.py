@@ -57,7 +57,10 @@ _GRANULARITIES = ("tensor", "channel")
 _REFERENCES = ("keyframe", "previous")
 _POLICY_GRANULARITIES = ("pixel", "region", "frame")
 
-_PREC_RE = re.compile(r"^W(\d+)A(?:(\d+)|\{\s*(\d+(?:\s*,\s*\d+)*)\s*\})$", re.IGNORECASE)
+# Bit widths are written without leading zeros ("W08A8" is refused, "W8A{0,4,8}" is fine).
+_BITS = r"(?:0|[1-9]\d*)"
+_PREC_RE = re.compile(rf"^W({_BITS})A(?:({_BITS})|\{{\s*({_BITS}(?:\s*,\s*{_BITS})*)\s*\}})$",
+                      re.IGNORECASE)
 
 
 def validate_bits(bits: Any, name: str, allow_zero: bool = True) -> int:

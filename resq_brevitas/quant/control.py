@@ -25,6 +25,8 @@ def proxy_attribute(model: nn.Module, name: str, value: object) -> Iterator[nn.M
     Yields:
         ``model``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} {model!r}")
     proxies = [m for m in model.modules()
                if isinstance(m, QuantProxyFromInjector) and hasattr(m, name)]
     previous = [getattr(p, name) for p in proxies]

@@ -349,9 +349,24 @@ class ResQModel(nn.Module):
                           f"(fields {differ} differ); the model keeps its own", stacklevel=2)
 
     # ------------------------------------------------------------------ validation
+    def _param_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        weight = self._layers[0][1].weight
+        return weight.dtype, weight.device
+
     def check_frame(self, frame: Any, name: str = "frame") -> None:
         """Raise a clear error if ``frame`` cannot continue the current stream."""
         check_frame(frame, name, self.input_spec, self._stream.shape)
+        self._check_dtype_device(frame, name)
+
+    def _check_dtype_device(self, tensor: Tensor, name: str) -> None:
+        """Frames must match the model's dtype and device: keyframes would fail deep in a layer
+        and residual frames would silently mix precisions."""
+        dtype, device = self._param_dtype_device()
+        if tensor.dtype != dtype:
+            raise TypeError(f"{name} must have the model's dtype {dtype}, got {tensor.dtype}; "
+                            f"convert the frames (or the model with .to())")
+        if tensor.device != device:
+            raise TypeError(f"{name} must be on the model's device {device}, got {tensor.device}")
 
     def _check_video(self, video: Any) -> None:
         if not isinstance(video, Tensor):
@@ -371,6 +386,7 @@ class ResQModel(nn.Module):
             )
         # A clip starts a fresh stream; frame 0 stands for the clip, and all of it must be finite.
         check_frame(video[:, 0], "video frame", self.input_spec)
+        self._check_dtype_device(video, "video")
         if not bool(torch.isfinite(video).all()):
             raise ValueError("video contains NaN or Inf values")
 
@@ -431,7 +447,9 @@ class ResQModel(nn.Module):
             state.context = ctx
         try:
             with attached(self._layers, self._states.__getitem__):
-                out = self.model(frame)
+                # The model's own copy: a layer reading the frame keeps it as its reference,
+                # and callers reuse frame buffers (decoders, pinned-memory loaders).
+                out = self.model(frame.clone())
             for state in self._states.values():
                 state.verify()
         except BaseException:
@@ -546,10 +564,14 @@ class ResQModel(nn.Module):
         saved = self._snapshot()
         self.reset()
         try:
-            return self._run_recorded(video, detach=False)
+            out = self._run_recorded(video, detach=False)
         except BaseException:
             self._restore(saved)
             raise
+        # The clip's autograd graph ends with the clip: a later step() must not reach into it.
+        for state in self._states.values():
+            state.detach()
+        return out
 
     def run_clip(self, video: Tensor, *, adaptive: bool = True, detach: bool = True,
                  observer: Observer | None = None) -> tuple[Any, list[CallRecord]]:

@@ -100,6 +100,11 @@ class LayerState:
             self.ref = Reference(ref.x.detach(), ref.z.detach()) if detach else ref
         self.rollback()
 
+    def detach(self) -> None:
+        """Detach the current reference from autograd (it outlives the graph that made it)."""
+        if self.ref is not None:
+            self.ref = Reference(self.ref.x.detach(), self.ref.z.detach())
+
     def rollback(self) -> None:
         """Drop the pending reference (the model's forward failed, or it was committed)."""
         self._pending = None

@@ -35,7 +35,7 @@ def test_scheme_notation_parses(text: str, key, residual) -> None:
 @pytest.mark.parametrize(
     "text",
     ["", "W8", "A8W8", "W8A8->", "->W4A4", "W8A8->W4A4->W2A2", "W1A1", "W8A17", "W8A{4,0}",
-     "W8A{4,4}", "int8", "W0A8", "W8A0"],
+     "W8A{4,4}", "int8", "W0A8", "W8A0", "W08A8", "W8A8->W4A04", "W8A8->W8A{00,4}"],
 )
 def test_invalid_scheme_strings_rejected(text: str) -> None:
     with pytest.raises(ValueError, match="scheme"):

@@ -123,3 +123,72 @@ def test_calibrate_errors_keep_model_usable(streaming_model) -> None:
 def test_convert_rejects_bare_layer() -> None:
     with pytest.raises(ValueError, match="nn.Sequential"):
         resq.convert(torch.nn.Conv2d(3, 3, 1))
+
+
+def test_a_reused_frame_buffer_is_not_the_reference(streaming_model) -> None:
+    """Decoders write each frame into one buffer: the model must keep its own copies."""
+    qm = streaming_model
+    clip = make_clip(batch=2, frames=6, seed=15)
+    with torch.no_grad():
+        expected = qm(clip)["seg"]
+        qm.reset()
+        buffer = torch.empty_like(clip[:, 0])
+        got = []
+        for t in range(6):
+            buffer.copy_(clip[:, t])
+            got.append(qm.step(buffer)["seg"])
+    torch.testing.assert_close(torch.stack(got, 1), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("execution", ["auto", "sequential"])
+def test_editing_a_clip_after_forward_does_not_reach_the_stream(streaming_model,
+                                                                execution) -> None:
+    qm = streaming_model
+    qm.clip_execution = execution
+    try:
+        clip = make_clip(batch=2, frames=7, seed=16)
+        with torch.no_grad():
+            qm(clip[:, :5])
+            expected = [qm.step(clip[:, t])["seg"] for t in (5, 6)]
+            edited = clip.clone()
+            qm(edited[:, :5])
+            edited.zero_()  # the caller reuses its clip tensor
+            got = [qm.step(clip[:, t])["seg"] for t in (5, 6)]
+    finally:
+        qm.clip_execution = "auto"
+    torch.testing.assert_close(torch.stack(got, 1), torch.stack(expected, 1), rtol=0, atol=0)
+
+
+def test_step_after_forward_has_its_own_autograd_graph() -> None:
+    qm = resq.convert(make_all_layers_net(), resq.ResQConfig(period=4))
+    resq.calibrate(qm, [make_clip(batch=1, frames=4)[0]], samples=4, candidates=4,
+                   progress=False)
+    clip = make_clip(batch=1, frames=6, seed=17).requires_grad_(True)
+    qm.train()
+    qm(clip[:, :4])["seg"].sum().backward()
+    first = clip.grad.clone()
+    out = qm.step(clip[:, 4].detach())["seg"]  # a residual frame against the clip's keyframe
+    out.sum().backward()                         # must not backward through the clip's graph
+    torch.testing.assert_close(clip.grad, first, rtol=0, atol=0)
+
+
+def test_dtype_and_device_mismatches_are_clear_errors(streaming_model) -> None:
+    qm = streaming_model
+    clip = make_clip(batch=2, frames=4, seed=18)
+    with torch.no_grad():
+        expected = qm(clip)["seg"]
+        qm.reset()
+        got = [qm.step(clip[:, 0])["seg"]]
+        for bad in (clip[:, 1].double(), clip[:, 1].half()):
+            with pytest.raises(TypeError, match="frame must have the model's dtype"):
+                qm.step(bad)
+        with pytest.raises(TypeError, match="video must have the model's dtype"):
+            qm(clip.double())
+        got += [qm.step(clip[:, t])["seg"] for t in range(1, 4)]
+    torch.testing.assert_close(torch.stack(got, 1), expected, rtol=0, atol=0)
+
+
+def test_switches_refuse_what_is_not_a_model() -> None:
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got int"):
+        with resq.quantization_disabled(42):
+            pass
