@@ -19,6 +19,7 @@ is the model's stream state, :class:`~resq_brevitas.policy.base.StreamStatus`).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -36,6 +37,7 @@ __all__ = [
     "truncated_energy_rrm_eq7",
     "predict_error_rrm_eq8",
     "fit_error_polynomial",
+    "nonnegative_least_squares",
     "scene_cut_rows",
     "output_rows",
     "relative_output_error",
@@ -78,12 +80,52 @@ def predict_error_rrm_eq8(coefficients: Sequence[float], energy: Tensor) -> Tens
     return out
 
 
-def fit_error_polynomial(energy: Tensor, error: Tensor, degree: int = 4) -> tuple[float, ...]:
-    """Least-squares fit of RRM eq. 8's polynomial (without constant term) to ``(e_t, e_c)``
-    pairs.
+def nonnegative_least_squares(design: Tensor, target: Tensor, iterations: int = 200) -> Tensor:
+    """``argmin_{c >= 0} ||design @ c - target||`` (Lawson-Hanson active set, float64).
 
-    Energies are scaled to ``[0, 1]`` for conditioning; the returned coefficients are for the
-    unscaled energy.
+    Args:
+        design: ``[n, k]``.
+        target: ``[n]``.
+        iterations: Bound on the outer loop (k + 1 steps suffice in exact arithmetic).
+
+    Returns:
+        ``c`` ``[k]``, every entry >= 0.
+    """
+    k = design.shape[1]
+    coef = torch.zeros(k, dtype=torch.float64)
+    passive = torch.zeros(k, dtype=torch.bool)
+    for _ in range(iterations):
+        gradient = design.T @ (target - design @ coef)
+        candidates = ~passive & (gradient > 1e-12 * max(1.0, float(gradient.abs().max())))
+        if not bool(candidates.any()):
+            break
+        passive[torch.where(candidates, gradient, torch.full_like(gradient, -math.inf))
+                .argmax()] = True
+        while True:
+            trial = torch.zeros(k, dtype=torch.float64)
+            idx = passive.nonzero().squeeze(1)
+            trial[idx] = torch.linalg.lstsq(design[:, idx], target.unsqueeze(1)).solution[:, 0]
+            if bool((trial[idx] > 0).all()):
+                coef = trial
+                break
+            # Step back to the boundary and drop the coefficients that reached zero.
+            negative = passive & (trial <= 0)
+            alpha = float((coef[negative] / (coef[negative] - trial[negative])).min())
+            coef = coef + alpha * (trial - coef)
+            passive &= coef > 1e-15
+            coef[~passive] = 0.0
+    return coef
+
+
+def fit_error_polynomial(energy: Tensor, error: Tensor, degree: int = 4) -> tuple[float, ...]:
+    """Fit RRM eq. 8's polynomial (without constant term) to ``(e_t, e_c)`` pairs, with
+    non-negative coefficients.
+
+    RRM eq. 8 fits a free polynomial; free coefficients of degree 4 extrapolate wildly (a
+    negative leading term predicts a falling error on long streams, so the budget never fires).
+    Non-negative coefficients make ``H`` monotone non-decreasing for ``e >= 0``: beyond the
+    calibrated energies the prediction keeps growing, as the accumulated error does. Energies are
+    scaled to ``[0, 1]`` for conditioning; the returned coefficients are for the unscaled energy.
 
     Args:
         energy: Accumulated truncated energies ``e_t`` (1-D).
@@ -108,7 +150,7 @@ def fit_error_polynomial(energy: Tensor, error: Tensor, degree: int = 4) -> tupl
         return (0.0,) * degree
     x = energy / scale
     design = torch.stack([x**k for k in range(1, degree + 1)], dim=1)
-    solution = torch.linalg.lstsq(design, error.unsqueeze(1), driver="gelsd").solution[:, 0]
+    solution = nonnegative_least_squares(design, error)
     return tuple(float(a) / scale**k for k, a in enumerate(solution.tolist(), start=1))
 
 

@@ -176,7 +176,7 @@ def test_expand_units_inverts_region_blocks() -> None:
 
 def test_fit_error_polynomial_recovers_known_coefficients() -> None:
     energy = torch.linspace(0, 40, 60, dtype=torch.float64)
-    coefficients = (2e-3, -1e-5, 3e-7, 1e-9)
+    coefficients = (2e-3, 0.0, 3e-7, 1e-9)
     error = predict_error_rrm_eq8(coefficients, energy)
     fitted = fit_error_polynomial(energy, error, degree=4)
     torch.testing.assert_close(predict_error_rrm_eq8(fitted, energy), error, rtol=1e-6,
@@ -185,3 +185,36 @@ def test_fit_error_polynomial_recovers_known_coefficients() -> None:
     assert fit_error_polynomial(torch.zeros(5), torch.rand(5)) == (0.0,) * 4
     with pytest.raises(ValueError, match="equal length"):
         fit_error_polynomial(torch.ones(3), torch.ones(4))
+
+
+def test_fit_error_polynomial_is_monotone_beyond_the_calibrated_range() -> None:
+    """Errors that bend down within the calibration range: a free quartic has a negative
+    leading term and falls below zero beyond it (the budget would never fire on long
+    streams); the fit must keep growing."""
+    energy = torch.linspace(0, 43, 80, dtype=torch.float64)
+    error = predict_error_rrm_eq8((2e-3, 0.0, 0.0, -1e-9), energy)
+    design = torch.stack([energy**k for k in range(1, 5)], 1)
+    free = torch.linalg.lstsq(design, error.unsqueeze(1)).solution[:, 0].tolist()
+    far = torch.linspace(0, 40 * 43, 500, dtype=torch.float64)
+    assert predict_error_rrm_eq8(free, far).min() < 0  # the failure RRM's free fit has
+    fitted = fit_error_polynomial(energy, error, degree=4)
+    assert all(c >= 0 for c in fitted)
+    predicted = predict_error_rrm_eq8(fitted, far)
+    assert bool((predicted.diff() >= 0).all()) and predicted[-1] > error.max()
+    # It describes the calibration pairs at least as well as the best straight line c_1 * e
+    # (a feasible non-negative fit).
+    line = float((energy @ error) / (energy @ energy)) * energy
+    assert (predict_error_rrm_eq8(fitted, energy) - error).norm() <= (line - error).norm()
+
+
+def test_nonnegative_least_squares_matches_scipy() -> None:
+    scipy_optimize = pytest.importorskip("scipy.optimize")
+    from resq_brevitas.policy.refresh import nonnegative_least_squares
+
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        design = torch.randn(30, 5, generator=g, dtype=torch.float64)
+        target = torch.randn(30, generator=g, dtype=torch.float64)
+        expected, _ = scipy_optimize.nnls(design.numpy(), target.numpy())
+        got = nonnegative_least_squares(design, target)
+        torch.testing.assert_close(got, torch.from_numpy(expected), rtol=1e-6, atol=1e-9)

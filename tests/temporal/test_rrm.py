@@ -231,3 +231,31 @@ def test_rrm_config_errors_name_the_argument() -> None:
     config = resq.ResQConfig(reference="previous", threshold=0.1,
                              refresh=[resq.FixedPeriodRefresh(), resq.SceneCutRefresh()])
     assert isinstance(config.refresh, tuple) and len(config.adaptive_refresh) == 1
+
+
+@pytest.mark.slow
+def test_error_budget_fires_on_a_long_stream_beyond_the_calibrated_range() -> None:
+    """2,000 frames: the accumulated truncation passes far beyond what calibration saw, and the
+    monotone RRM eq. 8 fit still predicts the growing error (a free quartic may turn down)."""
+    config = resq.ResQConfig("W8A8->W8A8", period=5000, reference="previous", threshold=EPS,
+                             error_feedback=False, refresh=resq.ErrorBudgetRefresh(budget=1.0))
+    qm = resq.convert(_net(), config)
+    calib = _drift_clip(24, seed=12)
+    resq.calibrate(qm, [calib[0]], samples=24, candidates=4, progress=False)
+    with torch.no_grad():
+        qm.reset()
+        for t in range(24):
+            qm.step(calib[:, t])
+    reached = qm.truncated_energy.item()
+    coefficients = qm.error_polynomial
+    predicted = resq.policy.predict_error_rrm_eq8(coefficients,
+                                                  torch.tensor([reached], dtype=torch.float64))
+    assert reached > 0 and predicted.item() > 0
+    # A budget the calibrated range never reaches: only extrapolation can fire it.
+    long = qm.with_refresh(resq.ErrorBudgetRefresh(budget=3 * predicted.item(),
+                                                   coefficients=coefficients))
+    stream = _drift_clip(2000, seed=13)
+    with torch.no_grad():
+        long(stream)
+    fired = long.last_refreshes[0].nonzero().flatten()
+    assert fired.numel() > 0 and fired[0].item() > 24
