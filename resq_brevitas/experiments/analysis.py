@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from resq_brevitas.calibrate import calibrate
 from resq_brevitas.config import LineSearch, ResQConfig, Scheme
 from resq_brevitas.convert import convert
-from resq_brevitas.experiments.evaluation import primary_output
+from resq_brevitas.experiments.evaluation import clip_batches, primary_output
 from resq_brevitas.nn.layers import ResQLayerMixin
 from resq_brevitas.nn.residual import value_of
 from resq_brevitas.quant.line_search import act_threshold
@@ -91,6 +91,17 @@ def _proxy_kind(proxy: nn.Module) -> str:
     return "other"  # bias quantizers and the like
 
 
+def _holds_quantizer(proxy: nn.Module) -> bool:
+    """Whether the proxy quantizes when enabled (an fp32 path's or an absent output quantizer's
+    proxy never does: it is no part of the path's quantizers)."""
+    disabled = proxy.disable_quant
+    try:
+        proxy.disable_quant = False
+        return bool(proxy.is_quant_enabled)
+    finally:
+        proxy.disable_quant = disabled
+
+
 def layer_quantizers(layer: nn.Module, path: str, kind: str = "all") -> list[nn.Module]:
     """The Brevitas quant proxies of one path of a ResQ layer.
 
@@ -101,7 +112,8 @@ def layer_quantizers(layer: nn.Module, path: str, kind: str = "all") -> list[nn.
         kind: ``"all"``, ``"act"`` (activation quantizers) or ``"weight"``.
 
     Returns:
-        The proxies (empty for a frame-quantized layer's residual path).
+        The proxies that hold a quantizer (empty for a frame-quantized layer's residual path or
+        a floating-point path).
 
     Raises:
         TypeError: ``layer`` is not a ResQ layer.
@@ -118,7 +130,7 @@ def layer_quantizers(layer: nn.Module, path: str, kind: str = "all") -> list[nn.
     else:
         found = [m for name, m in layer.named_modules()
                  if name != "residual" and not name.startswith("residual.")]
-    return [m for m in found if isinstance(m, QuantProxyFromInjector)
+    return [m for m in found if isinstance(m, QuantProxyFromInjector) and _holds_quantizer(m)
             and (kind == "all" or _proxy_kind(m) == kind)]
 
 
@@ -940,7 +952,7 @@ def _fig2_rows(report: AnalysisReport) -> list[_Fig2Row]:
             for r in report.layers if r.frames is not None and r.residuals is not None]
 
 
-def run_analysis(float_model: nn.Module, scheme: str, periods: Sequence[int] | None,
+def run_analysis(float_model: nn.Module, scheme: str | Scheme, periods: Sequence[int] | None,
                  calib_clips: Sequence[Tensor], eval_clips: Iterable[Any], out_dir: str | Path,
                  calibration: LineSearch | None = None, weight_granularity: str = "tensor",
                  progress: bool = True) -> list[Path]:
@@ -951,7 +963,7 @@ def run_analysis(float_model: nn.Module, scheme: str, periods: Sequence[int] | N
         float_model: The float model (not modified).
         scheme: The scheme to analyse (``"W8A8"``, ``"W8A8->W4A4"``, ...).
         periods: Keyframe periods; the first one is used (default 4).
-        calib_clips: Calibration clips.
+        calib_clips: Calibration clips ``[T, C, ...]`` (same-shape ones are batched).
         eval_clips: Clips to analyse.
         out_dir: Folder for ``analysis.json``, ``analysis.csv`` and the pictures.
         calibration: Line-search settings (default ``LineSearch()``).
@@ -965,7 +977,8 @@ def run_analysis(float_model: nn.Module, scheme: str, periods: Sequence[int] | N
     config = ResQConfig(scheme=Scheme.parse(scheme), period=period,
                         weight_granularity=weight_granularity,
                         calibration=calibration or LineSearch())
-    qm = calibrate(convert(float_model, config), calib_clips, progress=progress)
+    qm = calibrate(convert(float_model, config), clip_batches(list(calib_clips)),
+                   progress=progress)
     report = analyze(qm, eval_clips, float_model, progress=progress)
     print()
     print(format_analysis(report))

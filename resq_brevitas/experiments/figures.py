@@ -280,9 +280,10 @@ def _histogram(ax: Any, stats: Any, title: str, colour: str) -> None:
         return
     bins = len(stats.histogram)
     width = 2 * stats.hist_range / bins
-    lefts = [-stats.hist_range + i * width for i in range(bins)]
-    ax.bar(lefts, [max(c, 0) for c in stats.histogram], width=width, align="edge", color=colour,
-           log=True)
+    edges = [-stats.hist_range + i * width for i in range(bins + 1)]
+    # One filled step outline, not a bar per bin: a thousand bars take seconds to draw.
+    ax.stairs(stats.histogram, edges, fill=True, color=colour)
+    ax.set_yscale("log")
     if not math.isnan(stats.threshold):
         for sign in (-1, 1):
             ax.axvline(sign * stats.threshold, color="#c0392b", lw=0.8, ls="--")
