@@ -36,9 +36,9 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -465,12 +465,33 @@ class AnalysisReport:
         raise KeyError(f"no ResQ layer named {name!r}; layers: {[r.name for r in self.layers]}")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (histograms included)."""
+        """A JSON-serialisable dict (histograms included); :meth:`from_dict` reads it back."""
         data = asdict(self)
         for item, layer in zip(data["layers"], self.layers):
             item["sensitivity_db"] = layer.sensitivity_db
         data["ranking"] = [r.name for r in self.ranked()]
         return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AnalysisReport:
+        """The report :meth:`to_dict` (or ``analysis.json``) describes.
+
+        Raises:
+            TypeError: ``data`` is not a mapping.
+            KeyError: A field is missing.
+        """
+        if not isinstance(data, Mapping):
+            raise TypeError(f"data must be a mapping (from to_dict), got {type(data).__name__}")
+
+        def ranges(item: Mapping[str, Any] | None) -> RangeStats | None:
+            return None if item is None else RangeStats(**item)
+
+        layers = [LayerAnalysis(**{
+            **{k: v for k, v in item.items() if k != "sensitivity_db"},
+            "frames": ranges(item["frames"]), "residuals": ranges(item["residuals"]),
+            "weights": WeightStats(**item["weights"])}) for item in data["layers"]]
+        scalars = {f.name: data[f.name] for f in fields(cls) if f.name != "layers"}
+        return cls(**scalars, layers=layers)
 
 
 # ---------------------------------------------------------------------------- the observer

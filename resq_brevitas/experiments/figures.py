@@ -249,13 +249,14 @@ def _sensitivity_bars(ax: Any, report: Any) -> None:
               if not math.isnan(v) and not math.isinf(v)]
     cap = (max(finite) + 10.0) if finite else 100.0
     xs = list(range(len(layers)))
-    width = 0.27
-    for offset, attr, label, colour in ((-width, "keyframe_only_db", "only its keyframe quantizers",
-                                         "#3b6fb6"),
-                                        (0.0, "residual_only_db", "only its residual quantizers",
-                                         "#f6a51b"),
-                                        (width, "all_but_db", "all but its quantizers",
-                                         "#7a7a7a")):
+    series = [("keyframe_only_db", "only its keyframe quantizers", "#3b6fb6"),
+              ("residual_only_db", "only its residual quantizers", "#f6a51b"),
+              ("all_but_db", "all but its quantizers", "#7a7a7a")]
+    # A frame-quantized model has no residual quantizers: no empty bar slot for them.
+    series = [s for s in series if any(not math.isnan(getattr(r, s[0])) for r in layers)]
+    width = 0.8 / len(series)
+    for i, (attr, label, colour) in enumerate(series):
+        offset = (i - (len(series) - 1) / 2) * width
         ax.bar([x + offset for x in xs], [_finite(getattr(r, attr), cap) for r in layers], width,
                label=label, color=colour)
     if not math.isnan(report.sqnr_db) and not math.isinf(report.sqnr_db):
@@ -314,12 +315,15 @@ def plot_analysis(report: Any, path: str | Path, worst: int = 3) -> Path:
     if isinstance(worst, bool) or not isinstance(worst, int) or worst < 0:
         raise ValueError(f"worst must be an int >= 0, got {worst!r}")
     chosen = report.ranked()[:worst]
+    residuals = any(r.residuals is not None for r in report.layers)
     fig = new_figure((max(7.0, 0.5 * len(report.layers) + 2), 3.4 + 2.0 * len(chosen)))
-    grid = fig.add_gridspec(1 + len(chosen), 2, height_ratios=[1.6] + [1.0] * len(chosen))
+    grid = fig.add_gridspec(1 + len(chosen), 1 + residuals,
+                            height_ratios=[1.6] + [1.0] * len(chosen))
     _sensitivity_bars(fig.add_subplot(grid[0, :]), report)
     for row, layer in enumerate(chosen, start=1):
         _histogram(fig.add_subplot(grid[row, 0]), layer.frames, f"{layer.name} frames", "#3b6fb6")
-        _histogram(fig.add_subplot(grid[row, 1]), layer.residuals, f"{layer.name} residuals",
-                   "#f6a51b")
+        if residuals:
+            _histogram(fig.add_subplot(grid[row, 1]), layer.residuals, f"{layer.name} residuals",
+                       "#f6a51b")
     fig.tight_layout()
     return _save(fig, path)

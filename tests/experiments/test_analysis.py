@@ -15,6 +15,7 @@ from torch import nn
 
 import resq_brevitas as resq
 from resq_brevitas.experiments.analysis import (
+    AnalysisReport,
     QuantizerSwitch,
     analyze,
     format_analysis,
@@ -278,6 +279,7 @@ def test_report_files_are_written_and_readable(resq_report, tmp_path: Path) -> N
     assert {p.name for p in paths} == {"analysis.json", "analysis.csv", "analysis.png",
                                        "analysis_fig2.png"}
     data = json.loads((tmp_path / "analysis.json").read_text())
+    assert AnalysisReport.from_dict(data) == resq_report  # everything survives the file
     assert [layer["name"] for layer in data["layers"]] == list(LAYERS)
     assert data["ranking"] == [r.name for r in resq_report.ranked()]
     assert data["layers"][1]["residuals"]["histogram"] == resq_report.layer("b").residuals.histogram
