@@ -606,20 +606,22 @@ def _as_batch(clip: Any, index: int, frame_rank: int | None) -> Tensor:
     return clip
 
 
-def _batches(clips: Iterable[Any], frame_rank: int | None, max_batch: int) -> Iterator[Tensor]:
-    """Consecutive same-shape clips stacked into batches of at most ``max_batch`` rows."""
+def _batches(clips: Iterable[Any], frame_rank: int | None, max_batch: int
+             ) -> Iterator[tuple[Tensor, int]]:
+    """Consecutive same-shape clips stacked into batches of at most ``max_batch`` rows (a longer
+    item stays whole), each with the number of items of ``clips`` it holds."""
     pending: list[Tensor] = []
     rows = 0
     for index, clip in enumerate(clips):
         batch = _as_batch(clip, index, frame_rank)
         if pending and (batch.shape[1:] != pending[0].shape[1:]
                         or rows + batch.shape[0] > max_batch):
-            yield torch.cat(pending)
+            yield torch.cat(pending), len(pending)
             pending, rows = [], 0
         pending.append(batch)
         rows += batch.shape[0]
     if pending:
-        yield torch.cat(pending)
+        yield torch.cat(pending), len(pending)
 
 
 # ---------------------------------------------------------------------------- analysis
@@ -733,15 +735,16 @@ def analyze(qm: ResQModel, clips: Iterable[Any], float_model: nn.Module | None =
     modes = [(m, m.training) for m in qm.modules()]
     density, qm.measure_density = qm.measure_density, False  # host syncs nobody reads here
     size = len(clips) if hasattr(clips, "__len__") else None  # type: ignore[arg-type]
+    # One tick per item of ``clips`` and model run: the float pass plus every configuration.
     bar = tqdm(total=None if size is None else size * (len(variants) + 1), desc="analysis",
-               unit="clip", disable=not progress, leave=False)
+               unit="run", disable=not progress, leave=False)
     rows = frames = 0
     qm.eval()
     try:
         with torch.no_grad():
-            for batch in _batches(clips, qm.frame_rank, max_batch):
+            for batch, items in _batches(clips, qm.frame_rank, max_batch):
                 observed = _observed_pass(qm, batch, probes, switch)
-                bar.update(batch.shape[0])
+                bar.update(items)
                 reference = observed
                 if float_model is not None:
                     reference = _float_reference(float_model.eval(), batch)
@@ -749,7 +752,7 @@ def analyze(qm: ResQModel, clips: Iterable[Any], float_model: nn.Module | None =
                 for key, context in variants:
                     with context():
                         sqnr[key].add(reference, primary_output(qm(batch)))
-                    bar.update(batch.shape[0])
+                    bar.update(items)
                 rows += batch.shape[0]
                 frames += batch.shape[0] * batch.shape[1]
     finally:
