@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from resq_brevitas.config import ErrorBoundPolicy, LineSearch, ResQConfig, Scheme, load_object
+from resq_brevitas.experiments.analysis import run_analysis
 from resq_brevitas.experiments.evaluation import compare_configs, compare_schemes, format_table
 
 DEMO_FRAME_SCHEMES = ["W8A8", "W6A6", "W5A5", "W4A4"]
@@ -69,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--granularity", choices=("pixel", "region", "frame"), default="pixel",
                    help="Dynamic-ResQ policy granularity")
     p.add_argument("--region-k", type=int, default=4, help="block size of --granularity region")
+    p.add_argument("--analyze", metavar="SCHEME", nargs="?", const="W8A8", type=Scheme.parse,
+                   help="also analyse SCHEME (default W8A8; T = the first --period) per layer: "
+                        "sensitivities, ranges, Fig. 2 -> <out>/analysis.{json,csv,png}")
     args = p.parse_args(argv)
     if args.period is not None and any(t < 1 for t in args.period):
         p.error(f"--period must be >= 1, got {args.period}")
@@ -270,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
         written += write_bit_map_figure(maps, eval_clips[0], pick, args.out)
     if args.export:
         written += export_first_scheme(model, configs, calib, eval_clips[0], args)
+    if args.analyze:
+        written += run_analysis(model, args.analyze, args.period, calib, eval_clips, args.out,
+                                LineSearch(candidates=args.candidates,
+                                           samples=args.calib_samples),
+                                progress=not args.no_progress)
     print()
     print("wrote " + ", ".join(str(p) for p in written))
     print(f"done in {time.perf_counter() - start:.1f} s")

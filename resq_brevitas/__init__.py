@@ -24,6 +24,7 @@ from resq_brevitas.config import (
 from resq_brevitas.convert import convert
 from resq_brevitas.cost import count_bops, count_macs
 from resq_brevitas.deploy.onnx_export import export
+from resq_brevitas.experiments.analysis import analyze as analyze
 from resq_brevitas.nn.cost import CostReport, LayerCost
 from resq_brevitas.nn.layers import DEFAULT_LAYER_MAP
 from resq_brevitas.quant.control import quantization_disabled

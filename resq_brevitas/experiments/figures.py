@@ -4,7 +4,9 @@
   (a curve over ``tau``) and RRM (a curve over the threshold, at zero-skipping BOPs);
 - :func:`plot_bit_maps`: the paper's Fig. 6, Dynamic-ResQ's per-pixel bits per layer over a clip;
 - :func:`plot_layer_statistics`: the paper's Fig. 2, variance and quantization error of frames vs
-  residuals per layer (data from :func:`resq_brevitas.evaluation.layer_statistics`).
+  residuals per layer (data from :func:`resq_brevitas.evaluation.layer_statistics`);
+- :func:`plot_analysis`: the per-layer analysis (:func:`resq_brevitas.experiments.analysis.
+  analyze`): sensitivity bars per layer and the activation histograms of the worst layers.
 
 Figures are built without pyplot (no global figure state).
 """
@@ -16,7 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["new_figure", "plot_accuracy_vs_bops", "plot_bit_maps", "plot_layer_statistics"]
+__all__ = ["new_figure", "plot_accuracy_vs_bops", "plot_analysis", "plot_bit_maps",
+           "plot_layer_statistics"]
 
 
 def new_figure(figsize: tuple[float, float]) -> Any:
@@ -229,5 +232,98 @@ def plot_layer_statistics(stats: Sequence[Any], path: str | Path, bits: int | No
     bottom.set_xticks(xs)
     bottom.set_xticklabels([s.name for s in stats], rotation=60, ha="right", fontsize=6)
     top.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _finite(value: float, floor: float) -> float:
+    """A bar height: NaN as 0 (no bar), infinities clamped (no quantization error at all)."""
+    if math.isnan(value):
+        return 0.0
+    return floor if math.isinf(value) else value
+
+
+def _sensitivity_bars(ax: Any, report: Any) -> None:
+    layers = report.layers
+    finite = [v for r in layers for v in (r.keyframe_only_db, r.residual_only_db, r.all_but_db)
+              if not math.isnan(v) and not math.isinf(v)]
+    cap = (max(finite) + 10.0) if finite else 100.0
+    xs = list(range(len(layers)))
+    series = [("keyframe_only_db", "only its keyframe quantizers", "#3b6fb6"),
+              ("residual_only_db", "only its residual quantizers", "#f6a51b"),
+              ("all_but_db", "all but its quantizers", "#7a7a7a")]
+    # A frame-quantized model has no residual quantizers: no empty bar slot for them.
+    series = [s for s in series if any(not math.isnan(getattr(r, s[0])) for r in layers)]
+    width = 0.8 / len(series)
+    for i, (attr, label, colour) in enumerate(series):
+        offset = (i - (len(series) - 1) / 2) * width
+        ax.bar([x + offset for x in xs], [_finite(getattr(r, attr), cap) for r in layers], width,
+               label=label, color=colour)
+    if not math.isnan(report.sqnr_db) and not math.isinf(report.sqnr_db):
+        ax.axhline(report.sqnr_db, color="#c0392b", lw=1, ls="--",
+                   label=f"whole model {report.sqnr_db:.1f} dB")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([r.name for r in layers], rotation=50, ha="right", fontsize=6)
+    ax.set_ylabel("output SQNR vs float (dB)", fontsize=8)
+    ax.set_title(f"Per-layer sensitivity: {report.notation}, T={report.period} (lower = worse)",
+                 fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+
+
+def _histogram(ax: Any, stats: Any, title: str, colour: str) -> None:
+    if stats is None:
+        ax.text(0.5, 0.5, "not observed / no residual path", ha="center", va="center",
+                fontsize=7, transform=ax.transAxes)
+        ax.set_title(title, fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return
+    bins = len(stats.histogram)
+    width = 2 * stats.hist_range / bins
+    edges = [-stats.hist_range + i * width for i in range(bins + 1)]
+    # One filled step outline, not a bar per bin: a thousand bars take seconds to draw.
+    ax.stairs(stats.histogram, edges, fill=True, color=colour)
+    ax.set_yscale("log")
+    if not math.isnan(stats.threshold):
+        for sign in (-1, 1):
+            ax.axvline(sign * stats.threshold, color="#c0392b", lw=0.8, ls="--")
+    clipped = "" if math.isnan(stats.clipped) else f", clipped {100 * stats.clipped:.3f}%"
+    ax.set_title(f"{title}: thr {stats.threshold:.3g}, range [{stats.min:.3g}, {stats.max:.3g}]"
+                 f"{clipped}", fontsize=6)
+    ax.tick_params(labelsize=6)
+
+
+def plot_analysis(report: Any, path: str | Path, worst: int = 3) -> Path:
+    """The per-layer analysis: sensitivity bars (top) and, for the ``worst`` most sensitive
+    layers, histograms of their frame inputs and residuals with the calibrated thresholds.
+
+    Args:
+        report: An ``AnalysisReport`` (``layers``, ``ranked()``, ``sqnr_db``, ``notation``,
+            ``period``).
+        path: Output image path (PNG).
+        worst: Layers whose histograms are drawn.
+
+    Returns:
+        The written path.
+
+    Raises:
+        ValueError: If the report has no layer or ``worst`` is negative.
+    """
+    if not report.layers:
+        raise ValueError("report must hold at least one layer")
+    if isinstance(worst, bool) or not isinstance(worst, int) or worst < 0:
+        raise ValueError(f"worst must be an int >= 0, got {worst!r}")
+    chosen = report.ranked()[:worst]
+    residuals = any(r.residuals is not None for r in report.layers)
+    fig = new_figure((max(7.0, 0.5 * len(report.layers) + 2), 3.4 + 2.0 * len(chosen)))
+    grid = fig.add_gridspec(1 + len(chosen), 1 + residuals,
+                            height_ratios=[1.6] + [1.0] * len(chosen))
+    _sensitivity_bars(fig.add_subplot(grid[0, :]), report)
+    for row, layer in enumerate(chosen, start=1):
+        _histogram(fig.add_subplot(grid[row, 0]), layer.frames, f"{layer.name} frames", "#3b6fb6")
+        if residuals:
+            _histogram(fig.add_subplot(grid[row, 1]), layer.residuals, f"{layer.name} residuals",
+                       "#f6a51b")
     fig.tight_layout()
     return _save(fig, path)
