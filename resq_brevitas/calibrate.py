@@ -250,6 +250,8 @@ def calibrate(qm: ResQModel, clips: Iterable[Any], *, samples: int | None = None
             with torch.no_grad(), quantization_disabled(qm):
                 _run_pass(qm, clips, settings.samples, observe_range, "calibration ranges",
                           progress)
+                if qm.config.act_signedness == "auto":
+                    _unsigned_where_non_negative(qm, targets, searches)
                 _run_pass(qm, clips, settings.samples, accumulate, "calibration line search",
                           progress)
             unseen = [f"{name} ({_OBSERVED[path]})" for (name, path, _), s in searches.items()
@@ -272,6 +274,21 @@ def calibrate(qm: ResQModel, clips: Iterable[Any], *, samples: int | None = None
         qm.reset()
     qm.calibrated = True
     return qm
+
+
+def _unsigned_where_non_negative(qm: ResQModel, targets: dict[tuple[str, str, int], Any],
+                                 searches: dict[tuple[str, str, int], StreamingLineSearch]
+                                 ) -> None:
+    """``act_signedness="auto"``: keyframe quantizers whose inputs never went below zero (over
+    every rank) become unsigned, and their search scores the unsigned grid. Residuals, which are
+    signed by nature, stay signed."""
+    for key, search in searches.items():
+        if key[1] != "keyframe" or not search.observed:
+            continue
+        search.thresholds()  # ends pass 1: the all-reduced range
+        if search.global_min >= 0:
+            search.signed = False
+            qm.use_unsigned_input(key[0])
 
 
 def _range_key(name: str, path: str, slot: int) -> str:

@@ -52,9 +52,11 @@ FP32_BITS = 32
 
 WeightGranularity = Literal["tensor", "channel"]
 ReferenceKind = Literal["keyframe", "previous"]
+Signedness = Literal["signed", "auto"]
 PolicyGranularity = Literal["pixel", "region", "frame"]
 _GRANULARITIES = ("tensor", "channel")
 _REFERENCES = ("keyframe", "previous")
+_SIGNEDNESS = ("signed", "auto")
 _POLICY_GRANULARITIES = ("pixel", "region", "frame")
 
 # Bit widths are written without leading zeros ("W08A8" is refused, "W8A{0,4,8}" is fine).
@@ -458,6 +460,10 @@ class ResQConfig:
             sigma-delta update) or ``x_ref <- x_t`` (False: RRM's Algorithm 1, whose error
             accumulates; an ablation).
         overrides: Per-layer schemes (:class:`LayerOverride`), first match wins.
+        act_signedness: ``"signed"``: every activation quantizer is eq. 1's signed one (the
+            paper's). ``"auto"``: a keyframe-path activation quantizer whose calibration input
+            never goes below zero (e.g. after a ReLU) becomes unsigned, doubling its resolution
+            at equal bits and BOPs; residual quantizers stay signed.
     """
 
     scheme: Scheme = "W8A8->W4A4"  # type: ignore[assignment]  # parsed in __post_init__
@@ -472,12 +478,14 @@ class ResQConfig:
     refresh: tuple[RefreshSettings, ...] = ()
     error_feedback: bool = True
     overrides: tuple[LayerOverride, ...] = ()
+    act_signedness: Signedness = "signed"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheme", Scheme.parse(self.scheme))
         check_period(self.period)
         check_choice(self.weight_granularity, "weight_granularity", _GRANULARITIES)
         check_choice(self.reference, "reference", _REFERENCES)
+        check_choice(self.act_signedness, "act_signedness", _SIGNEDNESS)
         if not isinstance(self.calibration, LineSearch):
             raise TypeError(
                 "calibration must be a resq_brevitas.LineSearch, "

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from brevitas.core.scaling import ParameterScaling
 from torch import Tensor, nn
 
-from resq_brevitas.quant.quantizers import quantize_eq1
+from resq_brevitas.quant.quantizers import quantize_eq1, quantize_unsigned
 
 __all__ = [
     "LinearOp",
@@ -67,7 +67,8 @@ def candidate_thresholds(x_min: float, x_max: float, candidates: int) -> Tensor:
 
 
 def output_sse(
-    x: Tensor, thresholds: Tensor, bits: int, op: LinearOp, weight: Tensor, qweight: Tensor
+    x: Tensor, thresholds: Tensor, bits: int, op: LinearOp, weight: Tensor, qweight: Tensor,
+    signed: bool = True,
 ) -> Tensor:
     """Eq. 8's objective for each candidate on one batch of samples.
 
@@ -81,18 +82,21 @@ def output_sse(
         op: The layer's linear op.
         weight: Float weight ``w``.
         qweight: Quantized weight ``q(w)``.
+        signed: Eq. 1's signed grid (``s = 2 t / (2^b - 1)``); ``False``: the unsigned one of
+            :func:`~resq_brevitas.quant.quantizers.quantize_unsigned` (``s = t / (2^b - 1)``).
 
     Returns:
         float64 tensor ``[len(thresholds)]`` of ``||op(X, w) - op(q(X), q(w))||_F^2``.
     """
     with torch.no_grad():
         target = op(x, weight)
-        scales = (2.0 * thresholds / (2**bits - 1)).to(x.dtype)
+        scales = ((2.0 if signed else 1.0) * thresholds / (2**bits - 1)).to(x.dtype)
+        quantize = quantize_eq1 if signed else quantize_unsigned
         per_chunk = max(1, _CHUNK_ELEMENTS // max(1, x.numel()))
         sse = []
         for chunk in scales.split(per_chunk):
             view = (-1,) + (1,) * x.dim()
-            quantized = quantize_eq1(x.unsqueeze(0), chunk.view(view), bits)
+            quantized = quantize(x.unsqueeze(0), chunk.view(view), bits)
             approx = op(quantized.flatten(0, 1), qweight).unflatten(0, (len(chunk), x.shape[0]))
             err = approx.sub_(target.unsqueeze(0)).flatten(1)
             # Squares summed in float64: float16/bfloat16 errors of large activations would
@@ -131,11 +135,16 @@ class StreamingLineSearch:
     Args:
         bits: Activation bit width.
         candidates: ``r``.
+
+    Attributes:
+        signed: The grid pass 2 scores (may be switched after pass 1, e.g. to unsigned when
+            every sample was non-negative).
     """
 
     def __init__(self, bits: int, candidates: int = 20) -> None:
         self.bits = bits
         self.candidates = candidates
+        self.signed = True
         self.x_min = float("inf")
         self.x_max = float("-inf")
         self._thresholds: Tensor | None = None
@@ -161,7 +170,8 @@ class StreamingLineSearch:
                 dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
             if not torch.isfinite(bounds).all():
                 raise RuntimeError("line search saw no calibration samples")
-            self._thresholds = candidate_thresholds(-bounds[0].item(), bounds[1].item(),
+            self.global_min, self.global_max = -bounds[0].item(), bounds[1].item()
+            self._thresholds = candidate_thresholds(self.global_min, self.global_max,
                                                     self.candidates)
             self._sse = torch.zeros(len(self._thresholds), dtype=torch.float64)
         return self._thresholds
@@ -170,7 +180,7 @@ class StreamingLineSearch:
         """Pass 2: add ``x``'s per-candidate output SSE."""
         thresholds = self.thresholds()
         assert self._sse is not None
-        self._sse += output_sse(x, thresholds, self.bits, op, weight, qweight)
+        self._sse += output_sse(x, thresholds, self.bits, op, weight, qweight, self.signed)
 
     def result(self) -> tuple[float, Tensor, Tensor]:
         """All-reduce the SSE and return ``(threshold, thresholds, sse)``."""

@@ -24,6 +24,7 @@ from resq_brevitas.checks import check_choice
 from resq_brevitas.config import validate_bits
 
 __all__ = [
+    "FullRangeIntScaling",
     "HalfRangeIntScaling",
     "ZeroTensorQuant",
     "ResQWeightQuant",
@@ -33,7 +34,9 @@ __all__ = [
     "ResQZeroActQuant",
     "weight_quant",
     "act_quant",
+    "make_unsigned",
     "quantize_eq1",
+    "quantize_unsigned",
     "scale_eq6",
 ]
 
@@ -86,6 +89,42 @@ class HalfRangeIntScaling(nn.Module):
 
     def forward(self, bit_width: Tensor, signed: bool | None = None) -> Tensor:
         return ((2.0**bit_width - 1.0) / 2.0).to(dtype=self.dtype or bit_width.dtype)
+
+
+class FullRangeIntScaling(nn.Module):
+    """Integer threshold ``2^b - 1``: an unsigned quantizer maps ``[0, threshold]`` onto the
+    levels ``0 .. 2^b - 1`` (twice the resolution of eq. 6's signed grid at equal bits)."""
+
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, bit_width: Tensor, signed: bool | None = None) -> Tensor:
+        return (2.0**bit_width - 1.0).to(dtype=self.dtype or bit_width.dtype)
+
+
+def quantize_unsigned(x: Tensor, scale: Tensor | float, bits: int) -> Tensor:
+    """The unsigned variant of eq. 1 for non-negative tensors (``act_signedness="auto"``):
+    ``q(x) = s * clamp(round(x / s), 0, 2^b - 1)`` with ``s = threshold / (2^b - 1)``.
+
+    Args:
+        x: Tensor to quantize.
+        scale: Scale ``s`` (broadcastable to ``x``).
+        bits: Bit width ``b`` (>= 2).
+    """
+    scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
+    return torch.div(x, scale).round_().clamp_(0, 2**bits - 1).mul_(scale)
+
+
+def make_unsigned(proxy: nn.Module) -> None:
+    """Turn a ResQ activation quantizer proxy unsigned (:class:`FullRangeIntScaling`), in place.
+
+    Its range parameter is re-created at its initial value: set the threshold afterwards.
+    """
+    proxy.quant_injector = proxy.quant_injector.let(signed=False,
+                                                    int_scaling_impl=FullRangeIntScaling)
+    proxy.init_tensor_quant()
+    proxy.is_signed = False  # Brevitas caches it from the injector at construction
 
 
 class ZeroTensorQuant(nn.Module):

@@ -30,6 +30,7 @@ from resq_brevitas.config import ResQConfig, Scheme
 from resq_brevitas.nn.cost import CostReport, CostTally
 from resq_brevitas.nn.layers import DEFAULT_LAYER_MAP, ResQLayerMixin, is_resq_layer
 from resq_brevitas.policy.base import StreamStatus, build_policy, build_refresh
+from resq_brevitas.quant.quantizers import make_unsigned
 from resq_brevitas.temporal.clip import ClipExecutor, ClipLayout, NotBatchable, plan_clip
 from resq_brevitas.temporal.context import (
     FrameContext,
@@ -142,6 +143,9 @@ class ResQModel(nn.Module):
         self.config = config
         self.unsupported_layers = tuple(unsupported_layers)
         self.skipped_layers = tuple(skipped_layers)
+        #: Layers whose keyframe activation quantizer calibration made unsigned
+        #: (``act_signedness="auto"``).
+        self.unsigned_inputs: tuple[str, ...] = ()
         # A plain dict: it must deep-copy (with_policy) and two models must not share it.
         self.layer_map = dict(layer_map) if layer_map is not None else dict(DEFAULT_LAYER_MAP)
         self.schedule = KeyframeSchedule(config.effective_period)
@@ -334,11 +338,22 @@ class ResQModel(nn.Module):
             raise ValueError(f"state_dict has no ResQModel config under {key!r}")
         return ResQConfig.from_dict(extra["config"])
 
+    def use_unsigned_input(self, name: str) -> None:
+        """Make layer ``name``'s keyframe activation quantizer unsigned (``act_signedness=
+        "auto"``; its threshold must be set again afterwards)."""
+        layer = dict(self._layers)[name]
+        if name not in self.unsigned_inputs:
+            make_unsigned(layer.input_quant)
+            self.unsigned_inputs = (*self.unsigned_inputs, name)
+
     def get_extra_state(self) -> dict[str, Any]:
         return {"input_spec": self.input_spec, "calibrated": self.calibrated,
-                "config": self.config.to_dict()}
+                "config": self.config.to_dict(), "unsigned_inputs": list(self.unsigned_inputs)}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        # Runs before the layers load their parameters, so their quantizers are rebuilt first.
+        for name in state.get("unsigned_inputs", ()):
+            self.use_unsigned_input(name)
         spec = state.get("input_spec")
         self.input_spec = tuple(spec) if spec is not None else None  # type: ignore[assignment]
         self.calibrated = bool(state.get("calibrated", False))

@@ -124,7 +124,8 @@ def configs(draw) -> resq.ResQConfig:
         policy=policy,
         calibration=resq.LineSearch(draw(st.integers(2, 40)), draw(st.integers(1, 256))),
         fold_bn=draw(st.booleans()), strict=draw(st.booleans()), threshold=threshold,
-        refresh=tuple(chosen), error_feedback=draw(st.booleans()), overrides=overrides)
+        refresh=tuple(chosen), error_feedback=draw(st.booleans()), overrides=overrides,
+        act_signedness=draw(st.sampled_from(["signed", "auto"])))
 
 
 @settings(max_examples=150, deadline=None)

@@ -338,3 +338,15 @@ def test_export_artifacts_writes_fx_clip(qm, video, tmp_path):
         dense = torch.stack([float_model(clip[:, t]) for t in range(PERIOD)], 1)
         torch.testing.assert_close(unrolled(clip), dense, atol=1e-5, rtol=1e-5)
     assert manifest["extra"]["residual_sites"] == dict(unrolled.residual_sites)
+
+
+@pytest.mark.parametrize("format,backend", [("qcdq", "onnxruntime"), ("qonnx", "qonnx")])
+def test_unsigned_keyframe_quantizers_export_and_stream(format, backend, video, tmp_path):
+    qm = build(act_signedness="auto")
+    assert qm.unsigned_inputs  # the ReLU outputs feeding dw, fc, down, up and head
+    export(qm, video[:, 0], tmp_path, format=format)
+    with torch.no_grad():
+        reference = qm(video).numpy()
+    options = {"optimization": "basic"} if backend == "onnxruntime" else {}
+    out = OnnxStream(tmp_path, backend=backend, **options).run(video)
+    assert_stream_matches(out, reference, output_step(qm))
