@@ -350,3 +350,65 @@ def test_unsigned_keyframe_quantizers_export_and_stream(format, backend, video, 
     options = {"optimization": "basic"} if backend == "onnxruntime" else {}
     out = OnnxStream(tmp_path, backend=backend, **options).run(video)
     assert_stream_matches(out, reference, output_step(qm))
+
+
+class MobileBlockNet(nn.Module):
+    """A MobileNetV3-style block: expand, depthwise, squeeze-excite with hard-sigmoid,
+    hard-swish, project, and a residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.expand = nn.Conv2d(8, 16, 1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.se_reduce = nn.Conv2d(16, 4, 1)
+        self.se_expand = nn.Conv2d(4, 16, 1)
+        self.project = nn.Conv2d(16, 8, 1)
+        self.head = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = nn.functional.hardswish(self.bn(self.stem(x)))
+        h = nn.functional.hardswish(self.dw(nn.functional.hardswish(self.expand(a))))
+        s = h.mean((2, 3), keepdim=True)
+        h = h * nn.functional.hardsigmoid(self.se_expand(torch.relu(self.se_reduce(s))))
+        return self.head(a + self.project(h))
+
+
+class ResBlockNet(nn.Module):
+    """A ResNet basic block with a strided projection shortcut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv1 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.shortcut = nn.Conv2d(8, 16, 1, stride=2)
+        self.head = nn.Conv2d(16, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.bn(self.stem(x)))
+        h = self.conv2(torch.relu(self.conv1(a)))
+        return self.head(torch.relu(h + self.shortcut(a)))
+
+
+@pytest.mark.parametrize("net_class", [StreamNet, MobileBlockNet, ResBlockNet])
+def test_qcdq_at_onnxruntime_default_optimisation_agrees_as_sqnr(net_class, video, tmp_path):
+    """onnxruntime's default level fuses QDQ around convs into integer kernels that round
+    differently; that noise must stay far below the quantization noise itself (>= 10 dB)."""
+    from resq_brevitas.experiments.metrics import sqnr_db
+
+    qm = build(net_class)
+    torch.manual_seed(0)
+    float_net = net_class().eval()
+    with torch.no_grad():
+        float_net.bn.running_mean.uniform_(-0.3, 0.3)
+        float_net.bn.running_var.uniform_(0.5, 2.0)
+        reference = qm(video)
+        dense = torch.stack([float_net(video[:, t]) for t in range(video.shape[1])], 1)
+    export(qm, video[:, 0], tmp_path, format="qcdq")
+    fused = torch.from_numpy(OnnxStream(tmp_path, optimization="all").run(video))
+    quantization = sqnr_db(dense, reference)
+    assert sqnr_db(reference, fused) >= quantization + 10.0, (quantization,
+                                                              sqnr_db(reference, fused))
