@@ -343,6 +343,9 @@ def copy_ranges(source: ResQModel, target: ResQModel,
     mismatched = sorted(_range_key(*k) for k in dst if k not in src or src[k].bits != dst[k].bits)
     if mismatched:
         raise ValueError(f"source has no quantizer of the same bits for {mismatched}")
+    if "keyframe" in paths:  # an unsigned range only means something on an unsigned grid
+        for name in source.unsigned_inputs:
+            target.use_unsigned_input(name)
     set_activation_ranges(target, {_range_key(*k): act_threshold(src[k].proxy) for k in dst})
     if set(_targets(target, PATHS)) <= set(dst):
         target.calibrated = True

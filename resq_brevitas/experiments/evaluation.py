@@ -280,7 +280,7 @@ def _calibrated(float_model: nn.Module, config: ResQConfig, clips: Sequence[Tens
     """Convert and calibrate, reusing keyframe ranges of an earlier config with the same keyframe
     precision (they are calibrated on frame inputs, independent of period and residual scheme)."""
     qm = convert(float_model, config)
-    key = f"{config.scheme.keyframe}/{config.weight_granularity}"
+    key = f"{config.scheme.keyframe}/{config.weight_granularity}/{config.act_signedness}"
     source = keyframe_models.get(key)
     if source is None or config.scheme.keyframe.is_float or config.overrides:
         calibrate(qm, clips, progress=False)
