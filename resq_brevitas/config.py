@@ -333,6 +333,12 @@ class ErrorBoundPolicy:
             object.__setattr__(self, "target_bops",
                                check_real(self.target_bops, "target_bops", strict=True))
 
+    def __repr__(self) -> str:
+        # tau plays no part when target_bops is set: leave it out rather than show the default
+        point = (f"tau={self.tau!r}" if self.target_bops is None
+                 else f"target_bops={self.target_bops!r}")
+        return f"ErrorBoundPolicy({point}, granularity={self.granularity!r}, k={self.k!r})"
+
 
 @dataclass(frozen=True)
 class FixedPeriodRefresh:
