@@ -65,7 +65,8 @@ class EvalRow:
         threshold: RRM truncation threshold (NaN when 0 / not RRM).
         policy_bops: Mean BOPs per frame of the dynamic policy's own work.
         density: MAC-weighted share of non-zero residual entries (NaN without residuals).
-        speedup: RRM eq. 10 speedup of zero-skipping inference over the dense model.
+        speedup: RRM eq. 10 speedup of zero-skipping inference over the dense model (RRM rows;
+            NaN for the others).
         sparse_bops: Mean BOPs per frame when zero residual entries are skipped.
         keyframe_share: Share of frames that were keyframes (forced refreshes included).
         target_bops: Dynamic-ResQ's ``target_bops`` (NaN for a raw ``tau``); ``tau`` is then
@@ -377,7 +378,8 @@ def _row(config: ResQConfig, qm: ResQModel, outputs: list[Tensor], costs: list[A
         threshold=config.threshold if config.threshold > 0 else math.nan,
         policy_bops=_mean([c.mean_policy_bops for c in costs]),
         density=_mean([c.mean_density for c in costs]),
-        speedup=_mean([c.speedup for c in costs]),
+        # RRM's eq. 10 speedup describes zero-skipping RRM execution: RRM rows only
+        speedup=_mean([c.speedup for c in costs]) if method == "rrm" else math.nan,
         sparse_bops=_mean([c.mean_sparse_bops for c in costs]),
         keyframe_share=_mean([c.keyframe_share for c in costs]),
         target_bops=target if target is not None else math.nan,

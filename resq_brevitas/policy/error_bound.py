@@ -419,17 +419,19 @@ def _warn_out_of_reach(target: float, lowest: float, highest: float) -> None:
         f"ErrorBoundPolicy(target_bops={target:g}) is out of reach for this model and scheme on "
         f"the calibration clips: its BOPs share runs from {lowest:.3g} (every residual pixel at "
         f"the lowest bits; keyframes and the policy's own work stay) to {highest:.3g} (at the "
-        "highest bits); the nearest end is used", stacklevel=4)
+        "highest bits); the nearest end is used", stacklevel=5)
 
 
 def warn_if_collapsed(settings: Any, tau: float, point: OperatingPoint) -> None:
     """Warn when (almost) every residual pixel got 0 bits (:data:`COLLAPSE_SHARE`)."""
     if point.zero_share >= COLLAPSE_SHARE:
+        advice = ("raise target_bops" if getattr(settings, "target_bops", None) is not None
+                  else "pick the operating point in BOPs instead, e.g. "
+                       "ErrorBoundPolicy(target_bops=0.5), or a smaller tau")
         warnings.warn(
             f"{settings!r} (tau={tau:g}) sends {100 * point.zero_share:.1f}% of the residual "
             "pixels to 0 bits on the calibration clips: residual frames then repeat the "
-            "keyframe's output. Pick the operating point in BOPs instead, e.g. "
-            "ErrorBoundPolicy(target_bops=0.5), or a smaller tau", stacklevel=4)
+            f"keyframe's output; {advice}", stacklevel=4)
 
 
 def policy_bops(pool_size: int, channels: int, positions: int, units: int,
