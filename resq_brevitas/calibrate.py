@@ -112,7 +112,8 @@ def iter_clip_frames(qm: ResQModel, clips: Iterable[Any], samples: int
         raise ValueError("clips must contain at least one frame, got none")
     if seen < samples:
         warnings.warn(f"calibration asked for samples={samples} frames (counted per batch row), "
-                      f"but the clips hold {seen}: calibrating on those {seen}", stacklevel=2)
+                      f"but the clips hold {seen}: calibrating on those {seen}",
+                      stacklevel=4)  # generator <- pass loop <- calibrate <- its caller
 
 
 def _run_pass(qm: ResQModel, clips: Iterable[Any], samples: int, observer: Observer,
