@@ -71,7 +71,7 @@ def main() -> None:
         print(f"  {name:<18} mean {residual.mean():.2f}  "
               + "  ".join(f"{b}-bit {100 * v:5.1f}%" for b, v in share.items()))
     fig6 = plot_bit_maps(qm.last_bit_maps, args.out / "fig6_dynamic_bit_maps.png",
-                         video=clips[0],
+                         video=clips[0], keyframes=qm.last_keyframes,
                          title=f"Dynamic-ResQ {config.scheme} T={args.period} "
                                f"tau={args.tau:g}: bits per pixel")
     print(f"wrote {fig2}, {fig6}")

@@ -20,6 +20,7 @@ or the residual scheme, so a sweep calibrates them once.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -94,7 +95,9 @@ def iter_clip_frames(qm: ResQModel, clips: Iterable[Any], samples: int
                      ) -> Iterator[tuple[bool, Tensor]]:
     """Yield ``(starts_clip, frame)`` until ``samples`` frames (counted per batch row) were seen.
 
-    Every frame is validated against the model (rank, channels, finite values).
+    Every frame is validated against the model (rank, channels, finite values). Clips holding
+    fewer than ``samples`` frames are used whole, with a warning (Python shows it once per
+    session; every pass over the clips issues it).
     """
     seen = 0
     for index, clip in enumerate(clips):
@@ -108,6 +111,10 @@ def iter_clip_frames(qm: ResQModel, clips: Iterable[Any], samples: int
             seen += frame.shape[0]
     if seen == 0:
         raise ValueError("clips must contain at least one frame, got none")
+    if seen < samples:
+        warnings.warn(f"calibration asked for samples={samples} frames (counted per batch row), "
+                      f"but the clips hold {seen}: calibrating on those {seen}",
+                      stacklevel=4)  # generator <- pass loop <- calibrate <- its caller
 
 
 def iter_clips(qm: ResQModel, clips: Iterable[Any], samples: int) -> Iterator[Tensor]:

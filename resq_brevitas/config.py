@@ -295,14 +295,30 @@ class ErrorBoundPolicy:
     policy estimates each pool quantizer's output error with eq. 10 and picks the lowest bit width
     whose next step up would reduce it by less than ``tau`` (eq. 11).
 
+    The operating point is set in one of two ways:
+
+    - ``target_bops``: the BOPs to spend, as a share of what W8A8 frame quantization of the same
+      layers costs (``64 * MACs`` per frame; the ``x W8A8`` column of the recipe's table).
+      :func:`resq_brevitas.calibrate` solves ``tau`` for it on the calibration clips (the mean
+      BOPs per frame, the policy's own work included) and the model keeps the solved ``tau`` in
+      its ``state_dict``. E.g. ``ErrorBoundPolicy(target_bops=0.5)``: half of W8A8's BOPs.
+    - ``tau`` (when ``target_bops`` is ``None``): eq. 11's threshold itself, in the units of the
+      eq. 10 error ``||delta_p - q(delta_p)||_2 * ||q(w)||_F``, which depend on the model's
+      activations and weights: the paper's ``3e-4`` is its setting for HRNet, not a portable
+      value. Calibration measures the operating point it gives and warns when (almost) every
+      residual pixel gets 0 bits.
+
     Attributes:
         tau: Threshold of eq. 11 (>= 0). ``0`` keeps the highest bits wherever a step up does not
-            increase the error; a huge value selects the lowest bits everywhere. The paper uses
-            ``3e-4`` on HRNet; the scale depends on the model's activations and weights.
+            increase the error; a huge value selects the lowest bits everywhere. Not used when
+            ``target_bops`` is set.
         granularity: ``"pixel"`` (one decision per spatial position), ``"region"`` (``k x k``
             blocks of the last two spatial dims, errors summed) or ``"frame"`` (one decision per
             batch row, errors summed over all positions).
         k: Block size of the ``region`` granularity (ignored otherwise).
+        target_bops: Mean BOPs per frame as a share of W8A8 frame quantization's (> 0), or
+            ``None`` to use ``tau``. Shares the scheme cannot reach (below its keyframes' and the
+            policy's cost, above every residual at the highest bits) are clamped with a warning.
     """
 
     implementation: ClassVar[str] = "resq_brevitas.policy.error_bound:ErrorBoundSelector"
@@ -310,6 +326,7 @@ class ErrorBoundPolicy:
     tau: float = 3e-4
     granularity: PolicyGranularity = "pixel"
     k: int = 4
+    target_bops: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tau", check_real(self.tau, "tau"))
@@ -317,6 +334,15 @@ class ErrorBoundPolicy:
         if isinstance(self.k, bool) or not isinstance(self.k, int):
             raise TypeError(f"k must be an int block size, got {type(self.k).__name__} {self.k!r}")
         check_int(self.k, "k", minimum=1)
+        if self.target_bops is not None:
+            object.__setattr__(self, "target_bops",
+                               check_real(self.target_bops, "target_bops", strict=True))
+
+    def __repr__(self) -> str:
+        # tau plays no part when target_bops is set: leave it out rather than show the default
+        point = (f"tau={self.tau!r}" if self.target_bops is None
+                 else f"target_bops={self.target_bops!r}")
+        return f"ErrorBoundPolicy({point}, granularity={self.granularity!r}, k={self.k!r})"
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,10 @@ call to the next, a keyframe every ``period`` frames::
         y = stream.step(frame)
     stream.reset()                           # next frame starts a new stream (a keyframe)
 
-``backend="onnxruntime"`` (default) runs both graphs with onnxruntime (QCDQ graphs);
-``backend="qonnx"`` runs them node by node with ``qonnx.core.onnx_exec.execute_onnx`` (QONNX
-graphs with ``Quant`` nodes, as FINN's reference execution does).
+The backend follows the manifest's ``format`` unless one is given: ``qcdq`` graphs run in
+onnxruntime (``backend="onnxruntime"``), ``qonnx`` graphs (``Quant`` nodes, which onnxruntime does
+not know) node by node with ``qonnx.core.onnx_exec.execute_onnx`` (``backend="qonnx"``, as FINN's
+reference execution does). ``backend=`` overrides the choice.
 
 onnxruntime's ``extended``/``all`` graph optimizations fuse ``DequantizeLinear -> Conv ->
 QuantizeLinear`` into integer kernels (QLinearConv) that requantize in one step; their rounding can
@@ -25,6 +26,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -33,9 +35,11 @@ from resq_brevitas.deploy.finn import restore_aliases
 from resq_brevitas.deploy.manifest import Manifest
 from resq_brevitas.temporal.schedule import KeyframeSchedule
 
-__all__ = ["OnnxStream", "qonnx_ir_compat"]
+__all__ = ["BACKEND_OF_FORMAT", "OnnxStream", "backend_for", "qonnx_ir_compat"]
 
 _BACKENDS = ("onnxruntime", "qonnx")
+#: The backend that runs each export format's step graphs.
+BACKEND_OF_FORMAT = MappingProxyType({"qcdq": "onnxruntime", "qonnx": "qonnx"})
 _OPTIMIZATIONS = ("disable", "basic", "extended", "all")
 
 
@@ -66,12 +70,31 @@ def qonnx_ir_compat(model: Any) -> Iterator[None]:
         onnx.IR_VERSION = previous
 
 
+def backend_for(manifest: Manifest, backend: str | None = None) -> str:
+    """The backend to run ``manifest``'s graphs with: ``backend`` if given, else the format's.
+
+    Raises:
+        ValueError: An unknown ``backend``, or a format without step graphs to run (``fx``).
+    """
+    if backend is not None:
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS} or None, got {backend!r}")
+        return backend
+    if manifest.format not in BACKEND_OF_FORMAT:
+        raise ValueError(
+            f"manifest format {manifest.format!r} has no ONNX step graphs to run; OnnxStream runs "
+            f"the formats {tuple(BACKEND_OF_FORMAT)}"
+        )
+    return BACKEND_OF_FORMAT[manifest.format]
+
+
 class OnnxStream:
     """Run the exported keyframe and residual graphs over frames, carrying the state.
 
     Args:
         out_dir: A directory written by :func:`resq_brevitas.export` (with ``manifest.json``).
-        backend: ``"onnxruntime"`` or ``"qonnx"`` (``execute_onnx``, for QONNX graphs).
+        backend: ``"onnxruntime"`` or ``"qonnx"`` (``execute_onnx``); ``None`` (default) picks
+            the one for the manifest's format (:data:`BACKEND_OF_FORMAT`).
         providers: onnxruntime execution providers (default: CPU).
         optimization: onnxruntime graph optimization level: ``"disable"``, ``"basic"``,
             ``"extended"`` or ``"all"`` (onnxruntime's default).
@@ -81,10 +104,10 @@ class OnnxStream:
         ValueError: If ``backend`` or ``optimization`` is unknown or the manifest is malformed.
     """
 
-    def __init__(self, out_dir: str | os.PathLike[str], backend: str = "onnxruntime",
+    def __init__(self, out_dir: str | os.PathLike[str], backend: str | None = None,
                  providers: list[str] | None = None, optimization: str = "all") -> None:
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if backend is not None and backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS} or None, got {backend!r}")
         if optimization not in _OPTIMIZATIONS:
             raise ValueError(
                 f"optimization must be one of {_OPTIMIZATIONS}, got {optimization!r}"
@@ -95,7 +118,8 @@ class OnnxStream:
         self.manifest = Manifest.read(self.out_dir)
         if "keyframe" not in self.manifest.files or self.manifest.input is None:
             raise ValueError(f"{self.out_dir} holds no ResQ step-graph export")
-        self.backend = backend
+        #: ``"onnxruntime"`` or ``"qonnx"``: given, or the manifest format's.
+        self.backend = backend_for(self.manifest, backend)
         self.schedule = KeyframeSchedule(self.manifest.period)
         self.frame_name = self.manifest.input.name
         self.frame_shape = tuple(self.manifest.input.shape)

@@ -13,13 +13,14 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from resq_brevitas.calibrate import calibrate, copy_ranges
+from resq_brevitas.calibrate import calibrate, copy_ranges, iter_clip_frames
 from resq_brevitas.config import LineSearch, ResQConfig, Scheme
 from resq_brevitas.convert import convert
 from resq_brevitas.cost import count_bops
@@ -30,6 +31,7 @@ from resq_brevitas.quant.quantizers import quantize_eq1, scale_eq6
 from resq_brevitas.temporal.model import ResQModel
 
 __all__ = [
+    "COLUMNS",
     "EvalRow",
     "LayerStatistics",
     "clip_batches",
@@ -37,8 +39,11 @@ __all__ = [
     "compare_schemes",
     "compare_configs",
     "method_of",
+    "config_label",
+    "TABLE_LEGEND",
     "format_table",
     "layer_statistics",
+    "segmentation_classes",
 ]
 
 
@@ -60,9 +65,12 @@ class EvalRow:
         threshold: RRM truncation threshold (NaN when 0 / not RRM).
         policy_bops: Mean BOPs per frame of the dynamic policy's own work.
         density: MAC-weighted share of non-zero residual entries (NaN without residuals).
-        speedup: RRM eq. 10 speedup of zero-skipping inference over the dense model.
+        speedup: RRM eq. 10 speedup of zero-skipping inference over the dense model (RRM rows;
+            NaN for the others).
         sparse_bops: Mean BOPs per frame when zero residual entries are skipped.
         keyframe_share: Share of frames that were keyframes (forced refreshes included).
+        target_bops: Dynamic-ResQ's ``target_bops`` (NaN for a raw ``tau``); ``tau`` is then
+            the solved one.
     """
 
     method: str
@@ -80,10 +88,57 @@ class EvalRow:
     speedup: float = math.nan
     sparse_bops: float = math.nan
     keyframe_share: float = math.nan
+    target_bops: float = math.nan
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain dict (for JSON/CSV)."""
+        """Plain dict of the fields, shares as fractions (NaN/inf kept: not strict JSON)."""
         return asdict(self)
+
+    def record(self) -> dict[str, Any]:
+        """The row in the units of :data:`COLUMNS` (mIoU and shares in percent), ``None`` where a
+        value does not apply (NaN) or is unbounded (the float model's SQNR against itself)."""
+        policy_share = (self.policy_bops / self.mean_bops
+                        if self.mean_bops and not math.isnan(self.mean_bops) else math.nan)
+        values = {
+            "method": self.method, "scheme": self.scheme, "period": self.period,
+            "tau": self.tau, "target_bops": self.target_bops, "threshold": self.threshold,
+            "miou_gt_pct": 100 * self.miou_gt, "miou_float_pct": 100 * self.miou_float,
+            "sqnr_db": self.sqnr_db, "mean_bops": self.mean_bops, "rel_bops": self.rel_bops,
+            "policy_bops": self.policy_bops, "policy_pct": 100 * policy_share,
+            "density_pct": 100 * self.density, "speedup": self.speedup,
+            "sparse_bops": self.sparse_bops, "keyframe_pct": 100 * self.keyframe_share,
+        }
+        assert list(values) == list(COLUMNS)
+        return {k: _finite_or_none(v) for k, v in values.items()}
+
+
+#: The columns of :meth:`EvalRow.record` (``results.json`` / ``results.csv``), with their units;
+#: ``None`` (JSON ``null``, an empty CSV cell, ``-`` in the table) means "does not apply".
+COLUMNS = MappingProxyType({
+    "method": "float, frame (frame quantization), resq, dynamic (Dynamic-ResQ) or rrm",
+    "scheme": "the paper's notation, e.g. W8A8->W4A4",
+    "period": "keyframe period T (1: every frame a keyframe)",
+    "tau": "Dynamic-ResQ's eq. 11 threshold (the solved one when target_bops is set)",
+    "target_bops": "Dynamic-ResQ's target BOPs, as a share of W8A8 frame quantization's",
+    "threshold": "RRM truncation threshold eps",
+    "miou_gt_pct": "mIoU against the ground-truth labels, percent (null: no labels)",
+    "miou_float_pct": "mIoU against the float model's predicted classes, percent",
+    "sqnr_db": "output SQNR against the float model, dB (null for the float model itself)",
+    "mean_bops": "mean BOPs per frame, the dynamic policy's own work included",
+    "rel_bops": "mean_bops over W8A8 frame quantization's (the table's x W8A8)",
+    "policy_bops": "mean BOPs per frame of the dynamic policy's own work",
+    "policy_pct": "policy_bops as a share of mean_bops, percent",
+    "density_pct": "MAC-weighted share of non-zero residual entries, percent",
+    "speedup": "RRM eq. 10 speedup of zero-skipping inference over the dense model, x",
+    "sparse_bops": "mean BOPs per frame when zero residual entries are skipped",
+    "keyframe_pct": "share of frames that were keyframes (forced refreshes included), percent",
+})
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def primary_output(out: Any) -> Tensor:
@@ -130,7 +185,15 @@ def _sqnr(reference: list[Tensor], test: list[Tensor]) -> float:
     return math.inf if noise == 0 else 10 * math.log10(signal / noise)
 
 
-def _segmentation_miou(outputs: list[Tensor], targets: list[Tensor] | None,
+def segmentation_classes(outputs: Sequence[Tensor], num_classes: int | None) -> int | None:
+    """Classes to score mIoU over: per-frame class scores ``[T, C, H, W]`` have ``C``; labels
+    may name more (``num_classes``). ``None`` for outputs that are not segmentation maps."""
+    if not outputs or outputs[0].dim() != 4:
+        return None
+    return max(int(outputs[0].shape[1]), num_classes or 0)
+
+
+def _segmentation_miou(outputs: list[Tensor], targets: Sequence[Tensor] | None,
                        num_classes: int | None) -> float:
     if targets is None or num_classes is None or outputs[0].dim() != 4:
         return math.nan
@@ -148,6 +211,7 @@ def compare_schemes(
     num_classes: int | None = None,
     calibration: LineSearch | None = None,
     progress: bool = True,
+    on_row: Callable[[EvalRow], None] | None = None,
 ) -> list[EvalRow]:
     """Evaluate the float model and each ``(scheme, period)`` on the same clips.
 
@@ -160,6 +224,7 @@ def compare_schemes(
         num_classes: Number of classes for mIoU.
         calibration: Line-search settings (default ``LineSearch()``).
         progress: Show progress bars.
+        on_row: Called with each finished row (the float row included), e.g. to print it.
 
     Returns:
         A float row first, then one row per config, with ``rel_bops`` relative to W8A8 frame
@@ -169,7 +234,7 @@ def compare_schemes(
     full = [ResQConfig(scheme=Scheme.parse(text), period=period, calibration=calibration)
             for text, period in configs]
     return compare_configs(float_model, full, calib_clips, eval_clips, labels, num_classes,
-                           progress=progress)
+                           progress=progress, on_row=on_row)
 
 
 def method_of(config: ResQConfig) -> str:
@@ -192,13 +257,18 @@ def compare_configs(
     progress: bool = True,
     include_float: bool = True,
     on_model: Callable[[ResQConfig, ResQModel], None] | None = None,
+    on_row: Callable[[EvalRow], None] | None = None,
 ) -> list[EvalRow]:
     """Evaluate the float model and each full configuration on the same clips.
 
     Calibration is shared where it cannot differ: keyframe ranges between configs with the same
     keyframe precision, and all ranges (and a fitted refresh polynomial) between configs that
-    differ only in Dynamic-ResQ's ``tau`` (the pool is calibrated in floating point, where the
-    policy does not change the residuals).
+    differ only in the Dynamic-ResQ policy (the pool is calibrated in floating point, where the
+    policy does not change the residuals); a policy that fits itself (``target_bops``) is then
+    fitted on the calibration clips, as :func:`resq_brevitas.calibrate` would.
+
+    mIoU against the float model needs no labels: for segmentation outputs (``[T, C, H, W]``
+    class scores) the float model's argmax is the reference, over ``C`` classes.
 
     Args:
         float_model: The float model (eval mode; not modified).
@@ -211,6 +281,7 @@ def compare_configs(
         include_float: Start with the float model's row.
         on_model: Called as ``on_model(config, qm)`` after each config's evaluation (e.g. to run
             one more clip and keep its ``last_bit_maps``).
+        on_row: Called with each finished row (the float row included), e.g. to print it.
 
     Returns:
         Rows (float first if ``include_float``), ``rel_bops`` relative to W8A8 frame quantization.
@@ -219,16 +290,22 @@ def compare_configs(
         raise TypeError("configs must be a sequence of resq_brevitas.ResQConfig")
     float_model = float_model.eval()
     float_out = _run_clips(_float_clip_runner(float_model), eval_clips)
-    float_pred = [o.argmax(1) for o in float_out] if float_out[0].dim() == 4 else None
+    classes = segmentation_classes(float_out, num_classes)
+    float_pred = [o.argmax(1) for o in float_out] if classes is not None else None
+    reference = _w8a8_bops(float_model, eval_clips[0])
     rows = []
+    report = on_row or (lambda row: None)
     if include_float:
-        rows.append(EvalRow("float", "fp32", 1, _segmentation_miou(float_out, labels, num_classes),
-                            _segmentation_miou(float_out, float_pred, num_classes), math.inf,
+        rows.append(EvalRow("float", "fp32", 1, _segmentation_miou(float_out, labels, classes),
+                            _segmentation_miou(float_out, float_pred, classes), math.inf,
                             math.nan))
+        report(rows[-1])
     keyframe_models: dict[str, ResQModel] = {}
     calibrated_models: dict[Any, ResQModel] = {}
     calib_clips = clip_batches(calib_clips)
-    for config in tqdm(configs, desc="schemes", disable=not progress):
+    bar = tqdm(configs, desc="schemes", disable=not progress)
+    for config in bar:
+        bar.set_description_str(f"schemes: {config_label(config)}")
         qm = _calibrated_config(float_model, config, calib_clips, keyframe_models,
                                 calibrated_models)
         qm.measure_density = True  # the table reports densities and RRM's speedup for every row
@@ -237,14 +314,28 @@ def compare_configs(
             for batch in clip_batches(eval_clips):
                 outputs.extend(primary_output(qm(batch)).unbind(0))
                 costs.extend([qm.last_cost] * len(batch))
-        rows.append(_row(config, qm, outputs, costs, float_out, float_pred, labels, num_classes))
+        row = _row(config, qm, outputs, costs, float_out, float_pred, labels, classes)
+        row.rel_bops = row.mean_bops / reference
+        rows.append(row)
+        report(row)
         if on_model is not None:
             on_model(config, qm)
-    reference = _w8a8_bops(float_model, eval_clips[0])
-    for row in rows:
-        if row.method != "float":
-            row.rel_bops = row.mean_bops / reference
     return rows
+
+
+def config_label(config: ResQConfig) -> str:
+    """A short name of a config for progress bars and logs, e.g. ``W8A8->W4A4 T=4``."""
+    scheme: Scheme = config.scheme  # type: ignore[assignment]
+    label = scheme.notation if scheme.is_frame_quantization else (
+        f"{scheme.notation} T={config.period}")
+    policy = config.policy
+    if policy is not None:
+        target = getattr(policy, "target_bops", None)
+        label += (f" target_bops={target:g}" if target is not None
+                  else f" tau={getattr(policy, 'tau', math.nan):g}")
+    if config.threshold:
+        label += f" eps={config.threshold:g}"
+    return label
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -252,11 +343,30 @@ def _mean(values: Sequence[float]) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
+def _policy_tau(config: ResQConfig, qm: ResQModel) -> float:
+    """The ``tau`` the model's policy runs at (solved for a target), NaN without one."""
+    if config.policy is None:
+        return math.nan
+    for policy in _policies(qm):
+        tau = getattr(policy, "tau", None)
+        if tau is not None:
+            return float(tau)
+    return float(getattr(config.policy, "tau", math.nan))
+
+
+def _policies(qm: ResQModel) -> list[Any]:
+    """The distinct precision-policy objects of ``qm``'s pool layers."""
+    found = {id(p): p for _, layer in qm.resq_layers()
+             if (p := getattr(layer.residual, "policy", None)) is not None}
+    return list(found.values())
+
+
 def _row(config: ResQConfig, qm: ResQModel, outputs: list[Tensor], costs: list[Any],
          float_out: list[Tensor], float_pred: list[Tensor] | None,
          labels: Sequence[Tensor] | None, num_classes: int | None) -> EvalRow:
     method = method_of(config)
     scheme: Scheme = config.scheme  # type: ignore[assignment]
+    target = getattr(config.policy, "target_bops", None)
     return EvalRow(
         method=method,
         scheme=scheme.notation,
@@ -265,13 +375,15 @@ def _row(config: ResQConfig, qm: ResQModel, outputs: list[Tensor], costs: list[A
         miou_float=_segmentation_miou(outputs, float_pred, num_classes),
         sqnr_db=_sqnr(float_out, outputs),
         mean_bops=_mean([c.mean_bops for c in costs]),
-        tau=config.policy.tau if config.policy is not None else math.nan,
+        tau=_policy_tau(config, qm),
         threshold=config.threshold if config.threshold > 0 else math.nan,
         policy_bops=_mean([c.mean_policy_bops for c in costs]),
         density=_mean([c.mean_density for c in costs]),
-        speedup=_mean([c.speedup for c in costs]),
+        # RRM's eq. 10 speedup describes zero-skipping RRM execution: RRM rows only
+        speedup=_mean([c.speedup for c in costs]) if method == "rrm" else math.nan,
         sparse_bops=_mean([c.mean_sparse_bops for c in costs]),
         keyframe_share=_mean([c.keyframe_share for c in costs]),
+        target_bops=target if target is not None else math.nan,
     )
 
 
@@ -307,10 +419,21 @@ def _calibrated_config(float_model: nn.Module, config: ResQConfig, clips: Sequen
         key = json.dumps({k: v for k, v in config.to_dict().items() if k != "policy"},
                          sort_keys=True)
     if key is not None and key in models:
-        return models[key].with_policy(policy)
+        return _fit_policies(models[key].with_policy(policy), clips, config.calibration.samples)
     qm = _calibrated(float_model, config, clips, keyframe_models)
     if key is not None:
         models[key] = qm
+    return qm
+
+
+def _fit_policies(qm: ResQModel, clips: Sequence[Tensor], samples: int) -> ResQModel:
+    """Fit the policies that fit themselves (``needs_fit``) as calibration would, after
+    ``with_policy`` (which swaps a policy in without fitting it)."""
+    if qm.period > 1:
+        for policy in _policies(qm):
+            if getattr(policy, "needs_fit", False):
+                policy.fit(qm, iter_clip_frames(qm, clips, samples), samples, False)
+    qm.reset()
     return qm
 
 
@@ -318,39 +441,61 @@ def _w8a8_bops(float_model: nn.Module, clip: Tensor) -> float:
     return count_bops(float_model, tuple(clip.shape[1:]), "W8A8").mean_bops
 
 
+class _Column(NamedTuple):
+    """One table column: a :data:`COLUMNS` key (or ``param``: tau or eps), its header, format."""
+
+    key: str
+    header: str
+    fmt: str
+    extended: bool = False
+
+
+#: The table's columns, in the units of :data:`COLUMNS` (the header names them).
+_TABLE = (
+    _Column("method", "method", "s"),
+    _Column("scheme", "scheme", "s"),
+    _Column("period", "T", "d"),
+    _Column("param", "tau/eps", ".3g", True),
+    _Column("target_bops", "target", ".2f", True),
+    _Column("miou_gt_pct", "mIoU GT %", ".2f"),
+    _Column("miou_float_pct", "mIoU float %", ".2f"),
+    _Column("sqnr_db", "SQNR dB", ".2f"),
+    _Column("mean_bops", "BOPs/frame", ".4g"),
+    _Column("rel_bops", "x W8A8", ".4f"),
+    _Column("policy_pct", "policy %", ".1f", True),
+    _Column("density_pct", "density %", ".1f", True),
+    _Column("speedup", "RRM eta", ".2f", True),
+)
+#: What ``-`` means in the table (``null`` in results.json, an empty cell in results.csv).
+TABLE_LEGEND = "-: does not apply (null in results.json, an empty cell in results.csv)"
+
+
 def format_table(rows: Sequence[EvalRow]) -> str:
-    """A fixed-width table of the rows (Dynamic-ResQ / RRM rows add tau/eps and density columns)."""
+    """A fixed-width table of the rows in the units of :data:`COLUMNS` (mIoU in percent, BOPs
+    per frame, SQNR in dB); Dynamic-ResQ / RRM rows add tau/eps, target, policy share, density
+    and RRM speedup columns. ``-`` marks a value that does not apply."""
+    records = [r.record() for r in rows]
+    for record in records:
+        record["param"] = record["tau"] if record["method"] == "dynamic" else record["threshold"]
     extended = any(r.method in ("dynamic", "rrm") for r in rows)
-    header = (f"{'method':<7} {'scheme':<14} {'T':>2} {'mIoU(GT)':>9} {'mIoU(float)':>11} "
-              f"{'SQNR dB':>8} {'GBOPs/frame':>12} {'x W8A8':>7}")
-    if extended:
-        header = (f"{'method':<7} {'scheme':<17} {'T':>2} {'tau/eps':>8} {'mIoU(GT)':>9} "
-                  f"{'mIoU(float)':>11} {'SQNR dB':>8} {'GBOPs/frame':>12} {'x W8A8':>7} "
-                  f"{'policy':>7} {'density':>7} {'RRM eta':>7}")
-    lines = [header, "-" * len(header)]
+    columns = [c for c in _TABLE if extended or not c.extended]
+    if not any(r["target_bops"] is not None for r in records):
+        columns = [c for c in columns if c.key != "target_bops"]
+    cells = [[_cell(record[c.key], c.fmt) for c in columns] for record in records]
+    widths = [max([len(c.header)] + [len(row[i]) for row in cells])
+              for i, c in enumerate(columns)]
+    left = {"method", "scheme"}
 
-    def num(v: float, fmt: str) -> str:
-        return "-" if math.isnan(v) else format(v, fmt)
+    def line(values: Sequence[str]) -> str:
+        return " ".join(v.ljust(w) if c.key in left else v.rjust(w)
+                        for v, w, c in zip(values, widths, columns)).rstrip()
 
-    for r in rows:
-        def pct(v: float) -> str:
-            return "n/a" if math.isnan(v) else f"{100 * v:.2f}"
-        sqnr = "inf" if math.isinf(r.sqnr_db) else f"{r.sqnr_db:.2f}"
-        bops = "-" if math.isnan(r.mean_bops) else f"{r.mean_bops / 1e9:.4f}"
-        rel = "-" if math.isnan(r.rel_bops) else f"{r.rel_bops:.4f}"
-        if not extended:
-            lines.append(f"{r.method:<7} {r.scheme:<14} {r.period:>2} {pct(r.miou_gt):>9} "
-                         f"{pct(r.miou_float):>11} {sqnr:>8} {bops:>12} {rel:>7}")
-            continue
-        param = r.tau if r.method == "dynamic" else r.threshold
-        share = (r.policy_bops / r.mean_bops if r.mean_bops and not math.isnan(r.policy_bops)
-                 else math.nan)
-        share_text = "-" if math.isnan(share) else f"{100 * share:.1f}%"
-        lines.append(f"{r.method:<7} {r.scheme:<17} {r.period:>2} {num(param, '.2g'):>8} "
-                     f"{pct(r.miou_gt):>9} {pct(r.miou_float):>11} {sqnr:>8} {bops:>12} "
-                     f"{rel:>7} {share_text:>7} {num(r.density, '.3f'):>7} "
-                     f"{num(r.speedup, '.2f'):>7}")
-    return "\n".join(lines)
+    header = line([c.header for c in columns])
+    return "\n".join([header, "-" * len(header), *(line(row) for row in cells)])
+
+
+def _cell(value: Any, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
 
 
 @dataclass

@@ -112,6 +112,8 @@ class CostReport:
             recorded).
         per_frame_sparse: BOPs of each frame when zero residual entries are skipped (keyframes
             dense, residual rows times their density, policy work added).
+        rrm: Whether the call ran in RRM mode (``reference="previous"``); :meth:`table` shows
+            RRM's speedup only then. ``None`` (not said): shown whenever it was measured.
     """
 
     notation: str
@@ -125,6 +127,7 @@ class CostReport:
     residual_bits: dict[str, float] = field(default_factory=dict)
     speedup: float = math.nan
     per_frame_sparse: list[float] = field(default_factory=list)
+    rrm: bool | None = None
 
     @property
     def mean_bops(self) -> float:
@@ -162,7 +165,7 @@ class CostReport:
                 f"{len(self.per_frame)} frame(s), keyframes {self.keyframe_share:.0%}")
         if self.mean_policy_bops:
             head += f", policy {self.mean_policy_bops / 1e6:.3f} MBOPs/frame"
-        if not math.isnan(self.speedup):
+        if not math.isnan(self.speedup) and self.rrm is not False:
             head += f", RRM speedup {self.speedup:.2f}x"
         extra = bool(self.density)
         lines = [head, f"{'layer':<{width}}  {'MACs':>12}  {'MBOPs/frame':>12}  {'share':>6}"

@@ -697,3 +697,30 @@ class ResQModel(nn.Module):
         if self.config.refresh:
             text += f", refresh={self.config.refresh}"
         return text
+
+    def __repr__(self) -> str:
+        """A short summary (``print(qm)``); ``qm.model`` prints the converted network in full."""
+        kinds: dict[str, int] = {}
+        for _, layer in self._layers:
+            kind = type(layer).__name__.removeprefix("ResQ")
+            kinds[kind] = kinds.get(kind, 0) + 1
+        layers = ", ".join(f"{kind} x{count}" for kind, count in kinds.items())
+        lines = [
+            f"ResQModel({type(self.model).__name__}, scheme={self.notation}, "
+            f"period={self.period}, reference={self.config.reference!r}, "
+            f"{'calibrated' if self.calibrated else 'not calibrated'}",
+            f"  {len(self._layers)} ResQ layers: {layers}",
+        ]
+        policy = next((layer.residual.policy for _, layer in self._layers
+                       if getattr(layer.residual, "policy", None) is not None), None)
+        if policy is not None:
+            lines.append(f"  policy: {type(policy).__name__}({policy.extra_repr()})")
+        if self.config.threshold:
+            lines.append(f"  threshold: {self.config.threshold:g}")
+        if self.config.refresh:
+            lines.append(f"  refresh: {', '.join(repr(r) for r in self.config.refresh)}")
+        floating = self.unsupported_layers + self.skipped_layers
+        if floating:
+            shown = ", ".join(floating[:4]) + (", ..." if len(floating) > 4 else "")
+            lines.append(f"  left in floating point: {len(floating)} ({shown})")
+        return "\n".join(lines) + ")"
