@@ -109,12 +109,17 @@ def iter_clip_frames(qm: ResQModel, clips: Iterable[Any], samples: int
             check_frame(frame, "calibration frame", qm.input_spec)
             yield t == 0, frame
             seen += frame.shape[0]
+    _check_seen(seen, samples)
+
+
+def _check_seen(seen: int, samples: int) -> None:
+    """No frame at all is an error; fewer frames than asked for is used, with a warning."""
     if seen == 0:
         raise ValueError("clips must contain at least one frame, got none")
     if seen < samples:
         warnings.warn(f"calibration asked for samples={samples} frames (counted per batch row), "
                       f"but the clips hold {seen}: calibrating on those {seen}",
-                      stacklevel=4)  # generator <- pass loop <- calibrate <- its caller
+                      stacklevel=5)  # _check_seen <- generator <- pass <- calibrate <- caller
 
 
 def iter_clips(qm: ResQModel, clips: Iterable[Any], samples: int) -> Iterator[Tensor]:
@@ -134,8 +139,7 @@ def iter_clips(qm: ResQModel, clips: Iterable[Any], samples: int) -> Iterator[Te
             raise ValueError(f"calibration frame of clips[{index}] contains NaN or Inf values")
         yield clip
         seen += frames * clip.shape[0]
-    if seen == 0:
-        raise ValueError("clips must contain at least one frame, got none")
+    _check_seen(seen, samples)
 
 
 def _run_pass(qm: ResQModel, clips: Iterable[Any], samples: int, observer: Observer,

@@ -500,7 +500,7 @@ class ResQModel(nn.Module):
         tally = CostTally(self.notation)
         for record in records:
             tally.add_clip(record.outputs.costs, record.batch, record.frames, record.key)
-        self.last_cost = tally.report()
+        self.last_cost = replace(tally.report(), rrm=self.config.reference == "previous")
         self.last_keyframes = torch.cat([r.key for r in records], 1)
         forced = [r.outputs.forced.view(r.batch, r.frames) for r in records]
         self.last_refreshes = torch.cat(forced, 1)
