@@ -141,19 +141,31 @@ class ClipLayout:
         residual_refs: Long ``[rows - keys]``: the table index of each residual row's reference.
         carried: Whether the table needs the carried references.
         key_in_order: Bool ``[rows]``: keyframe rows in run order.
+        groups: When every keyframe of the chunk has the same number ``g`` of residual rows
+            (and none is carried), ``g``: the residual rows of keyframe ``j`` are then rows
+            ``keys + j*g .. keys + (j+1)*g - 1`` and references broadcast instead of being
+            gathered; else ``None``.
     """
 
     keys: int
     residual_refs: Tensor
     carried: bool
     key_in_order: Tensor
+    groups: int | None = None
 
     @classmethod
     def of(cls, plan: ClipPlan) -> ClipLayout:
         order = plan.order
         keys = plan.num_key
-        return cls(keys, plan.ref_row.index_select(0, order[keys:]), plan.uses_carried,
-                   plan.key.reshape(-1).index_select(0, order))
+        refs = plan.ref_row.index_select(0, order[keys:])
+        groups = None
+        residual = refs.numel()
+        if residual and not plan.uses_carried and residual % keys == 0:
+            g = residual // keys
+            if torch.equal(refs, (plan.batch + torch.arange(keys)).repeat_interleave(g)):
+                groups = g
+        return cls(keys, refs, plan.uses_carried, plan.key.reshape(-1).index_select(0, order),
+                   groups)
 
 
 class ClipExecutor:
@@ -178,6 +190,7 @@ class ClipExecutor:
         self.residual_refs = layout.residual_refs
         self.carried = layout.carried
         self.key_in_order = layout.key_in_order
+        self.groups = layout.groups
 
 
     def forward(self, layer: ResQLayerMixin, x: Tensor, **kwargs: Any) -> Tensor:
@@ -211,9 +224,13 @@ class ClipExecutor:
             offset = 0
         res = None
         if keys < rows:
-            refs = (self.residual_refs - offset).to(x.device)
-            old = Reference(table_x.index_select(0, refs), table_z.index_select(0, refs))
-            res = residual_step(layer.residual, x[keys:], old, inputs.mode, **kwargs)
+            if self.groups is not None:  # each keyframe row against its own residual rows
+                old = Reference(x_key, z_key)
+            else:
+                refs = (self.residual_refs - offset).to(x.device)
+                old = Reference(table_x.index_select(0, refs), table_z.index_select(0, refs))
+            res = residual_step(layer.residual, x[keys:], old, inputs.mode, groups=self.groups,
+                                **kwargs)
             z = torch.cat([z_key, res.z])
         else:
             z = z_key.clone()  # the model may write into its output; z_key is referenced below

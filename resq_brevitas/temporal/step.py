@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
+import torch
 from torch import Tensor
 
 from resq_brevitas.nn.residual import Sent
@@ -181,8 +182,16 @@ def keyframe_step(layer: Any, x: Tensor, *, private: bool = False, **kwargs: Any
     return z, (Reference(x.clone(), z.clone()) if private else Reference(x, z))
 
 
+def _against(a: Tensor, b: Tensor, groups: int | None, op: Any) -> Tensor:
+    """``op(a, b)`` row by row, or with ``groups``: each row of ``b`` against the next
+    ``groups`` rows of ``a`` (a broadcast instead of a gathered copy of ``b``)."""
+    if groups is None:
+        return op(a, b)
+    return op(a.unflatten(0, (-1, groups)), b.unsqueeze(1)).flatten(0, 1)
+
+
 def residual_step(path: ResidualOp, x: Tensor, ref: Reference, mode: ResidualMode, *,
-                  private: bool = False, **kwargs: Any) -> StepResult:
+                  private: bool = False, groups: int | None = None, **kwargs: Any) -> StepResult:
     """A residual frame, ``z_t = q_Theta_a(x_t - x_ref) * q_Theta_w(w) + z_ref`` (eq. 4-5).
 
     Args:
@@ -192,18 +201,21 @@ def residual_step(path: ResidualOp, x: Tensor, ref: Reference, mode: ResidualMod
         mode: Reference rule and truncation threshold.
         private: Return references that are neither the output tensor nor an input the model may
             modify in place (clones), as the step graphs need.
+        groups: ``ref`` holds one row per ``groups`` consecutive rows of ``x`` (a time-batched
+            clip: each keyframe and its residual frames); ``None``: one row per row.
         **kwargs: Extra options of the layer's forward.
 
     Returns:
         A :class:`StepResult`; with :class:`KeepReference` its ``ref`` is ``ref`` itself.
     """
-    delta = x - ref.x                                  # eq. 4: the residual against the reference
+    delta = _against(x, ref.x, groups, torch.sub)      # eq. 4: the residual against the reference
     delta, truncated = mode.truncate(delta)            # RRM section 3.4 (eps = 0: nothing)
     sent = path.quantize(delta)                        # q_Theta_a(delta): static, pool or 0 bits
-    if sent.q is None:
-        z = ref.z.clone() if private else ref.z        # nothing sent, no bias: z_t = z_ref
-    else:
-        z = path.contribution(sent, **kwargs) + ref.z  # eq. 5: q(delta) * q_Theta_w(w) + z_ref
+    if sent.q is None:                                 # nothing sent, no bias: z_t = z_ref
+        z = (ref.z.repeat_interleave(groups, 0) if groups is not None
+             else ref.z.clone() if private else ref.z)
+    else:                                              # eq. 5: q(delta) * q_Theta_w(w) + z_ref
+        z = _against(path.contribution(sent, **kwargs), ref.z, groups, torch.add)
     new_ref = mode.rule.advance(ref, x, sent.q, z)
     if private and mode.advances:
         new_ref = Reference(new_ref.x.clone(), new_ref.z.clone())

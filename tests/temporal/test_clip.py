@@ -58,6 +58,9 @@ CASES = [
     (POOL, 3, {"policy": resq.ErrorBoundPolicy(tau=1e-2, granularity="region", k=3)}),
     (POOL, 5, {"policy": resq.ErrorBoundPolicy(tau=1e-2, granularity="frame")}),
     ("W8A8->W4A4", 4, {"overrides": (resq.LayerOverride("head", "W8A8"),)}),
+    # every keyframe with the same number of residual frames: references broadcast
+    ("W8A8->W4A4", 2, {}),
+    ("W8A8->W6A0", 5, {}),
 ]
 
 
@@ -121,6 +124,15 @@ def test_chunked_clip_equals_one_batch() -> None:
         chunked = qm(clip)["seg"]
     torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
     assert qm.last_cost.per_frame == pytest.approx(whole_cost)
+
+
+def test_uniform_chunks_broadcast_their_references() -> None:
+    from resq_brevitas.temporal.clip import ClipLayout
+
+    uniform = ClipLayout.of(plan_clip(KeyframeSchedule(5), torch.zeros(2, dtype=torch.long), 10))
+    ragged = ClipLayout.of(plan_clip(KeyframeSchedule(4), torch.zeros(2, dtype=torch.long), 10))
+    carried = ClipLayout.of(plan_clip(KeyframeSchedule(5), torch.tensor([2, 2]), 10))
+    assert uniform.groups == 4 and ragged.groups is None and carried.groups is None
 
 
 def test_plan_follows_the_schedule_per_stream() -> None:
