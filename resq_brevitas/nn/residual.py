@@ -265,8 +265,18 @@ class PoolResidual(ResidualPath):
         self.channel_dim = channel_dim
         self.register_buffer("_bits", torch.tensor(self.pool_bits), persistent=False)
 
+    def _quantized(self, delta: Tensor) -> list[Tensor]:
+        """``q_i(delta)`` of every pool quantizer (an active 0-bit one: zeros, without a call)."""
+        out = []
+        for bits, quant in zip(self.pool_bits, self.pool):
+            if bits == 0 and quant.act_quant.is_quant_enabled:
+                out.append(torch.zeros_like(delta))
+            else:
+                out.append(value_of(quant(delta)))
+        return out
+
     def quantize(self, delta: Tensor) -> Sent:
-        quantized = [value_of(quant(delta)) for quant in self.pool]
+        quantized = self._quantized(delta)
         qweight = self.quant_weight()  # once per call: the policy and the contribution share it
         index, units = self.policy.select(delta, quantized, self.weight_norm(qweight),
                                           self.channel_dim)
