@@ -53,9 +53,11 @@ FP32_BITS = 32
 WeightGranularity = Literal["tensor", "channel"]
 ReferenceKind = Literal["keyframe", "previous"]
 PolicyGranularity = Literal["pixel", "region", "frame"]
+Execution = Literal["dense", "sparse"]
 _GRANULARITIES = ("tensor", "channel")
 _REFERENCES = ("keyframe", "previous")
 _POLICY_GRANULARITIES = ("pixel", "region", "frame")
+_EXECUTIONS = ("dense", "sparse")
 
 _PREC_RE = re.compile(r"^W(\d+)A(?:(\d+)|\{\s*(\d+(?:\s*,\s*\d+)*)\s*\})$", re.IGNORECASE)
 
@@ -455,6 +457,12 @@ class ResQConfig:
             sigma-delta update) or ``x_ref <- x_t`` (False: RRM's Algorithm 1, whose error
             accumulates; an ablation).
         overrides: Per-layer schemes (:class:`LayerOverride`), first match wins.
+        execution: How residual frames run their layers' ops on CPU: ``"dense"`` (the whole
+            residual, the default) or ``"sparse"`` (only the output tiles whose receptive field
+            holds a non-zero quantized residual; :mod:`resq_brevitas.nn.executors`). Both give the
+            same outputs up to float summation order; layers the sparse executor cannot run stay
+            dense and are listed in ``qm.dense_fallback_layers``. Traced and exported graphs
+            always use the dense op.
     """
 
     scheme: Scheme = "W8A8->W4A4"  # type: ignore[assignment]  # parsed in __post_init__
@@ -469,12 +477,14 @@ class ResQConfig:
     refresh: tuple[RefreshSettings, ...] = ()
     error_feedback: bool = True
     overrides: tuple[LayerOverride, ...] = ()
+    execution: Execution = "dense"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheme", Scheme.parse(self.scheme))
         check_period(self.period)
         check_choice(self.weight_granularity, "weight_granularity", _GRANULARITIES)
         check_choice(self.reference, "reference", _REFERENCES)
+        check_choice(self.execution, "execution", _EXECUTIONS)
         if not isinstance(self.calibration, LineSearch):
             raise TypeError(
                 "calibration must be a resq_brevitas.LineSearch, "
