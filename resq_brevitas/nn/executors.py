@@ -127,13 +127,18 @@ class TileCounter:
 
 
 def _is_tracing(q: Any) -> bool:
-    """Whether the call is being traced or compiled (then only the dense op is a graph)."""
-    if not isinstance(q, Tensor) or isinstance(q, torch.fx.Proxy):
+    """Whether the call is being traced, compiled or exported (then only the dense op makes a
+    graph: the sparse path reads data, e.g. which tiles are active).
+
+    A tensor subclass (the fake and functional tensors of ``torch.export``) counts as traced.
+    """
+    if type(q) is not Tensor:
         return True
     symbolic = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing",
                        torch.fx._symbolic_trace.is_fx_tracing)
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
     return bool(torch.jit.is_tracing() or symbolic() or torch.onnx.is_in_onnx_export()
-                or torch.compiler.is_compiling())
+                or torch.compiler.is_compiling() or exporting())
 
 
 def _runs_eager(*tensors: Tensor) -> bool:

@@ -601,11 +601,12 @@ def sparse_quantize(quant: Callable[[Tensor], Tensor], delta: Tensor,
     """
     rank = delta.dim() - 2
     spatial = delta.shape[2:]
-    edges = tuple(edge or auto_edge(size, rank)
+    if delta.numel() == 0:
+        return SparseResult(quant(delta), 0, 0)
+    # A dim shorter than a tile is one tile.
+    edges = tuple(min(edge or auto_edge(size, rank), size)
                   for edge, size in zip(normalized_tile(tile, rank), spatial))
     tiles = [size // edge for size, edge in zip(spatial, edges)]
-    if any(t == 0 for t in tiles):  # smaller than one tile: nothing to skip
-        return SparseResult(quant(delta), 1, 1)
     main = delta
     for i, (count, edge) in enumerate(zip(tiles, edges)):
         main = main.narrow(2 + i, 0, count * edge)

@@ -338,3 +338,25 @@ def test_export_artifacts_writes_fx_clip(qm, video, tmp_path):
         dense = torch.stack([float_model(clip[:, t]) for t in range(PERIOD)], 1)
         torch.testing.assert_close(unrolled(clip), dense, atol=1e-5, rtol=1e-5)
     assert manifest["extra"]["residual_sites"] == dict(unrolled.residual_sites)
+
+
+def test_sparse_execution_exports_the_dense_graphs(qm, video, reference, tmp_path):
+    """Export runs the dense op whatever the runtime executor: the same ONNX graphs, and the
+    stream reproduces the dense model."""
+    import warnings
+
+    from resq_brevitas.convert import with_execution
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sparse = with_execution(qm, "sparse")
+    export(qm, video[:, 0], tmp_path / "dense", format="qcdq")
+    export(sparse, video[:, 0], tmp_path / "sparse", format="qcdq")
+    for name in ("keyframe", "residual"):
+        graphs = [onnx.load(str(tmp_path / kind / f"{name}.onnx")).graph
+                  for kind in ("dense", "sparse")]
+        assert [n.op_type for n in graphs[0].node] == [n.op_type for n in graphs[1].node]
+    out = OnnxStream(tmp_path / "sparse", optimization="basic").run(video)
+    assert_stream_matches(out, reference, output_step(qm))
+    with torch.no_grad():
+        assert_stream_matches(sparse(video).numpy(), reference, output_step(qm))
