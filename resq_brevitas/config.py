@@ -54,10 +54,12 @@ WeightGranularity = Literal["tensor", "channel"]
 ReferenceKind = Literal["keyframe", "previous"]
 Signedness = Literal["signed", "auto"]
 PolicyGranularity = Literal["pixel", "region", "frame"]
+Execution = Literal["dense", "sparse"]
 _GRANULARITIES = ("tensor", "channel")
 _REFERENCES = ("keyframe", "previous")
 _SIGNEDNESS = ("signed", "auto")
 _POLICY_GRANULARITIES = ("pixel", "region", "frame")
+_EXECUTIONS = ("dense", "sparse")
 
 # Bit widths are written without leading zeros ("W08A8" is refused, "W8A{0,4,8}" is fine).
 _BITS = r"(?:0|[1-9]\d*)"
@@ -490,6 +492,12 @@ class ResQConfig:
             paper's). ``"auto"``: a keyframe-path activation quantizer whose calibration input
             never goes below zero (e.g. after a ReLU) becomes unsigned, doubling its resolution
             at equal bits and BOPs; residual quantizers stay signed.
+        execution: How residual frames run their layers' ops on CPU: ``"dense"`` (the whole
+            residual, the default) or ``"sparse"`` (only the output tiles whose receptive field
+            holds a non-zero quantized residual; :mod:`resq_brevitas.nn.executors`). Both give the
+            same outputs up to float summation order; layers the sparse executor cannot run stay
+            dense and are listed in ``qm.dense_fallback_layers``. Traced and exported graphs
+            always use the dense op.
     """
 
     scheme: Scheme = "W8A8->W4A4"  # type: ignore[assignment]  # parsed in __post_init__
@@ -505,6 +513,7 @@ class ResQConfig:
     error_feedback: bool = True
     overrides: tuple[LayerOverride, ...] = ()
     act_signedness: Signedness = "signed"
+    execution: Execution = "dense"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheme", Scheme.parse(self.scheme))
@@ -512,6 +521,7 @@ class ResQConfig:
         check_choice(self.weight_granularity, "weight_granularity", _GRANULARITIES)
         check_choice(self.reference, "reference", _REFERENCES)
         check_choice(self.act_signedness, "act_signedness", _SIGNEDNESS)
+        check_choice(self.execution, "execution", _EXECUTIONS)
         if not isinstance(self.calibration, LineSearch):
             raise TypeError(
                 "calibration must be a resq_brevitas.LineSearch, "

@@ -6,14 +6,18 @@ the model, folding waits for the first calibration frame and uses an eager trace
 supported layer (a key of ``layer_map``) that ``filter_fn`` accepts is replaced by its ResQ layer
 with a Brevitas graph rewriter, at its own scheme (the config's per-layer overrides). Weight
 layers that are not supported are reported by name; layers ``filter_fn`` refuses stay in floating
-point and are listed in ``qm.skipped_layers``.
+point and are listed in ``qm.skipped_layers``. ``config.execution`` picks the executor of every
+residual path (:mod:`resq_brevitas.nn.executors`); layers whose op the sparse executor does not
+run are reported in a warning and listed in ``qm.dense_fallback_layers``.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from brevitas.graph.base import ModuleToModuleByInstance
@@ -22,11 +26,12 @@ from torch import nn
 
 from resq_brevitas.bn_fold import LayerMap, fold_batch_norms
 from resq_brevitas.config import ResQConfig
+from resq_brevitas.nn.executors import apply_execution
 from resq_brevitas.nn.layers import DEFAULT_LAYER_MAP, ResQLayerMixin, is_resq_layer
 from resq_brevitas.policy.base import build_policy
 from resq_brevitas.temporal.model import ResQModel
 
-__all__ = ["FilterFn", "ToResQLayer", "convert", "find_unsupported"]
+__all__ = ["FilterFn", "ToResQLayer", "convert", "find_unsupported", "with_execution"]
 
 #: ``filter_fn(module, qualified_name) -> bool``: convert this supported layer (torchao style).
 FilterFn = Callable[[nn.Module, str], bool]
@@ -164,4 +169,47 @@ def convert(model: nn.Module, config: ResQConfig | None = None,
                           policy=policy if scheme.is_dynamic else None).apply(net)
     qm = ResQModel(net, config, tuple(unsupported), tuple(skipped), layer_map=layer_map)
     qm.bn_fold_pending = bn_fold_pending
+    _set_execution(qm, config.execution, {}, stacklevel=3)
     return qm
+
+
+def _set_execution(qm: ResQModel, execution: str, options: dict[str, Any],
+                   stacklevel: int) -> None:
+    """Install the residual executors and report (warn, ``qm.dense_fallback_layers``) the
+    layers that stay dense although sparse was asked for."""
+    fallbacks = apply_execution(qm.resq_layers(), execution, **options)
+    # "name (reason)" of each layer whose residual op stays dense under "sparse".
+    qm.dense_fallback_layers = fallbacks
+    if fallbacks:
+        warnings.warn("execution='sparse': these layers run their residual op dense: "
+                      + ", ".join(fallbacks), stacklevel=stacklevel)
+
+
+def with_execution(qm: ResQModel, execution: str, **options: Any) -> ResQModel:
+    """A copy of a (calibrated) model whose residual frames run with another executor.
+
+    The executor changes how residual ops are computed, not what they compute, so nothing is
+    recalibrated: benchmarks compare ``"dense"`` and ``"sparse"`` on the very same ranges.
+
+    Args:
+        qm: A ResQModel (not modified).
+        execution: ``"dense"`` or ``"sparse"`` (the copy's ``config.execution``).
+        **options: Sparse executor options: ``tile`` (output tile edge, an int or one per
+            spatial dim) and ``dense_above`` (share of active tiles above which a layer runs its
+            dense op); see :class:`~resq_brevitas.nn.executors.SparseTileOp`.
+
+    Returns:
+        A new ResQModel (deep copy, reset).
+
+    Raises:
+        TypeError: If ``qm`` is not a ResQModel.
+        ValueError: If ``execution`` is unknown or an option is malformed.
+    """
+    if not isinstance(qm, ResQModel):
+        raise TypeError(f"qm must be a resq_brevitas.ResQModel, got {type(qm).__name__}")
+    config = dataclasses.replace(qm.config, execution=execution)  # validates execution
+    new = copy.deepcopy(qm)
+    new.config = config
+    _set_execution(new, execution, options, stacklevel=3)
+    new.reset()
+    return new

@@ -11,7 +11,9 @@ One object per kind, chosen once when the layer is built (:func:`build_residual_
   eq. 9-11) that picks one per pixel.
 
 Every kind owns the same four things: :meth:`ResidualPath.quantize` (what is sent),
-:meth:`ResidualPath.contribution` (its contribution ``q(delta) * q_Theta_w(w)``, no bias),
+:meth:`ResidualPath.contribution` (its contribution ``q(delta) * q_Theta_w(w)``, no bias, computed
+by the path's executor ``op``: :class:`~resq_brevitas.nn.executors.DenseOp` by default, or
+:class:`~resq_brevitas.nn.executors.SparseTileOp`, set once by :func:`resq_brevitas.convert`),
 :meth:`ResidualPath.calibration_targets` (which quantizers eq. 8 searches, on residuals) and
 :meth:`ResidualPath.cost` (BOPs per residual row). Each holds a bias-free Brevitas view of the
 layer (``view``) whose ``weight`` is the layer's very ``Parameter``: gradients from both paths
@@ -26,10 +28,12 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import brevitas.nn as qnn
 import torch
+from brevitas.core.scaling import ParameterScaling
 from torch import Tensor, nn
 
 from resq_brevitas.config import Precision
 from resq_brevitas.nn.cost import precision_bops
+from resq_brevitas.nn.executors import ContributionOp, DenseOp
 from resq_brevitas.quant.quantizers import act_quant, weight_quant
 
 __all__ = [
@@ -120,6 +124,8 @@ class ResidualPath(nn.Module):
 
     Attributes:
         has_bit_maps: Whether :meth:`quantize` reports per-pixel bits (pools).
+        op: The executor of the layer's op in :meth:`contribution` (dense unless
+            ``execution="sparse"`` chose :class:`~resq_brevitas.nn.executors.SparseTileOp`).
 
     Args:
         brevitas_class: The layer's Brevitas class (the view is one of these).
@@ -141,6 +147,7 @@ class ResidualPath(nn.Module):
         self.view = brevitas_class(
             weight_quant=weight_quant(precision.weight_bits, weight_granularity),
             input_quant=input_quant, return_quant_tensor=False, **kwargs)
+        self.op: ContributionOp = DenseOp()
 
     # The weight is the layer's; the layer ties it (see ``ResQLayerMixin``).
     @property
@@ -173,8 +180,9 @@ class ResidualPath(nn.Module):
             # The Brevitas forward handles extra options; re-quantizing a quantized tensor is
             # exact, and a pool view has no input quantizer.
             return value_of(self.view(sent.q, **kwargs))
-        qweight = sent.qweight if sent.qweight is not None else self.quant_weight()
-        return self.view.inner_forward_impl(sent.q, qweight, None)
+        # A callable: a sparse executor quantizes the weight only if some tile needs it.
+        weight = (lambda: sent.qweight) if sent.qweight is not None else self.quant_weight
+        return self.op(self.view, sent.q, weight)
 
     def calibration_targets(self) -> list[CalibrationTarget]:
         """The quantizers eq. 8 calibrates on residuals."""
@@ -204,7 +212,40 @@ class StaticResidual(ResidualPath):
 
     def quantize(self, delta: Tensor) -> Sent:
         quant = self.view.input_quant
-        return Sent(value_of(quant(delta)) if quant.is_quant_enabled else delta)
+        if not quant.is_quant_enabled:
+            return Sent(delta)
+        # The executor decides which entries go through the quantizer: all, or the tiles that
+        # hold an entry eq. 1 does not round to 0.
+        return Sent(self.op.quantize(lambda t: value_of(quant(t)), delta, self.zero_band))
+
+    def zero_band(self) -> float:
+        """A magnitude below which eq. 1 certainly rounds a residual entry to 0.
+
+        Half a quantization step, ``s / 2`` with ``s = threshold / ((2^b - 1) / 2)`` (eq. 6, as
+        :class:`~resq_brevitas.quant.quantizers.HalfRangeIntScaling` sets it), shrunk by
+        ``2^-20`` so that the float division ``x / s`` cannot land on the other side of 0.5.
+        ``0.0`` (only exact zeros) when the quantizer holds no single ``ParameterScaling``.
+        """
+        assert self.precision.act_bits is not None
+        scaling = self._parameter_scaling()
+        if scaling is None:
+            return 0.0
+        threshold = float(scaling.value.detach().abs().min())
+        return threshold / (2 ** self.precision.act_bits[0] - 1) * (1.0 - 2.0 ** -20)
+
+    def _parameter_scaling(self) -> ParameterScaling | None:
+        """The quantizer's single ``ParameterScaling`` (``None`` if it has none or several).
+
+        Looked up once: a Brevitas proxy is a deep module tree, and the lookup would otherwise
+        cost more than a skipped tile. The reference lives in a tuple so that it is not
+        registered as a second parent of the module.
+        """
+        cached = self.__dict__.get("_scaling_lookup")
+        if cached is None:
+            found = [m for m in self.view.input_quant.modules() if isinstance(m, ParameterScaling)]
+            cached = (found[0] if len(found) == 1 else None,)
+            self.__dict__["_scaling_lookup"] = cached
+        return cached[0]
 
     def calibration_targets(self) -> list[CalibrationTarget]:
         if self.precision.is_float:

@@ -49,6 +49,9 @@ def test_config_validation_errors_name_the_argument() -> None:
         resq.ResQConfig(period=2.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="weight_granularity"):
         resq.ResQConfig(weight_granularity="row")
+    with pytest.raises(ValueError,
+                       match=r"execution must be one of \('dense', 'sparse'\), got 'fast'"):
+        resq.ResQConfig(execution="fast")
     with pytest.raises(ValueError, match="reference"):
         resq.ResQConfig(reference="next")
     with pytest.raises(TypeError, match="scheme"):
@@ -125,7 +128,8 @@ def configs(draw) -> resq.ResQConfig:
         calibration=resq.LineSearch(draw(st.integers(2, 40)), draw(st.integers(1, 256))),
         fold_bn=draw(st.booleans()), strict=draw(st.booleans()), threshold=threshold,
         refresh=tuple(chosen), error_feedback=draw(st.booleans()), overrides=overrides,
-        act_signedness=draw(st.sampled_from(["signed", "auto"])))
+        act_signedness=draw(st.sampled_from(["signed", "auto"])),
+        execution=draw(st.sampled_from(["dense", "sparse"])))
 
 
 @settings(max_examples=150, deadline=None)

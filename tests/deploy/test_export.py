@@ -412,3 +412,23 @@ def test_qcdq_at_onnxruntime_default_optimisation_agrees_as_sqnr(net_class, vide
     quantization = sqnr_db(dense, reference)
     assert sqnr_db(reference, fused) >= quantization + 10.0, (quantization,
                                                               sqnr_db(reference, fused))
+def test_sparse_execution_exports_the_dense_graphs(qm, video, reference, tmp_path):
+    """Export runs the dense op whatever the runtime executor: the same ONNX graphs, and the
+    stream reproduces the dense model."""
+    import warnings
+
+    from resq_brevitas.convert import with_execution
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sparse = with_execution(qm, "sparse")
+    export(qm, video[:, 0], tmp_path / "dense", format="qcdq")
+    export(sparse, video[:, 0], tmp_path / "sparse", format="qcdq")
+    for name in ("keyframe", "residual"):
+        graphs = [onnx.load(str(tmp_path / kind / f"{name}.onnx")).graph
+                  for kind in ("dense", "sparse")]
+        assert [n.op_type for n in graphs[0].node] == [n.op_type for n in graphs[1].node]
+    out = OnnxStream(tmp_path / "sparse", optimization="basic").run(video)
+    assert_stream_matches(out, reference, output_step(qm))
+    with torch.no_grad():
+        assert_stream_matches(sparse(video).numpy(), reference, output_step(qm))

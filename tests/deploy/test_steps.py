@@ -320,3 +320,29 @@ def test_unroll_rejects_bad_input():
         unroll(lambda x: x, PERIOD, clip)
     with pytest.raises(ValueError, match="no supported layer"):
         unroll(nn.Sequential(nn.ReLU()), PERIOD, clip)
+
+
+def test_sparse_execution_gives_the_same_step_graphs(qm, video):
+    """The executor sits inside the leaf steps: a sparse model's fx step graphs are the dense
+    model's, run (eagerly, sparse) to the same outputs, and torch.export traces the dense op."""
+    import warnings
+
+    from resq_brevitas.convert import with_execution
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sparse = with_execution(qm, "sparse")
+    dense_steps, sparse_steps = step_graphs(qm), step_graphs(sparse)
+    for kind in ("keyframe", "residual"):
+        targets = [(n.op, str(n.target)) for n in getattr(sparse_steps, kind).graph.nodes]
+        assert targets == [(n.op, str(n.target)) for n in getattr(dense_steps, kind).graph.nodes]
+    torch.testing.assert_close(run_steps(sparse_steps, video, PERIOD),
+                               run_steps(dense_steps, video, PERIOD))
+    frame = video[:, 0]
+    with torch.no_grad():
+        state = sparse_steps.keyframe(frame)[1:]
+        y_res = dense_steps.residual(video[:, 1], *state)[0]
+    with quant_tensors_disabled(sparse_steps.residual):
+        program = torch.export.export(sparse_steps.residual, (video[:, 1], *state))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(video[:, 1], *state)[0], y_res)
