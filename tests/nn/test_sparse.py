@@ -312,6 +312,7 @@ def run_both(config: resq.ResQConfig, clip: torch.Tensor):
     net = make_all_layers_net()
     dense = resq.convert(net, config)
     resq.calibrate(dense, [make_clip(batch=2, frames=6, seed=5)], progress=False)
+    dense.measure_density = True  # the densities are compared below (static ResQ: off by default)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sparse = with_execution(dense, "sparse")
