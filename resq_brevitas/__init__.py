@@ -21,7 +21,7 @@ from resq_brevitas.config import (
     SceneCutRefresh,
     Scheme,
 )
-from resq_brevitas.convert import convert
+from resq_brevitas.convert import convert, with_execution
 from resq_brevitas.cost import count_bops, count_macs
 from resq_brevitas.deploy.onnx_export import export
 from resq_brevitas.nn.cost import CostReport, LayerCost
@@ -54,4 +54,5 @@ __all__ = [
     "export",
     "quantization_disabled",
     "set_activation_ranges",
+    "with_execution",
 ]
