@@ -55,6 +55,7 @@ _EXPORTS = MappingProxyType({
     "DEFAULT_LAYER_MAP": "resq_brevitas.nn.layers",
     "quantization_disabled": "resq_brevitas.quant.control",
     "ResQModel": "resq_brevitas.temporal.model",
+    "with_execution": "resq_brevitas.convert",
 })
 
 #: Subpackages and modules reachable as attributes (``resq.nn.ResQConv2d``).

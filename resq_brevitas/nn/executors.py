@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,7 @@ from resq_brevitas.nn.sparse import (
     DEFAULT_BOX_SLACK,
     ConvGeometry,
     SparseResult,
+    broadcast_zeros,
     conv_geometry,
     conv_intensity,
     normalized_tile,
@@ -43,6 +44,7 @@ from resq_brevitas.nn.sparse import (
 
 __all__ = [
     "DEFAULT_DENSE_ABOVE",
+    "DEFAULT_MIN_ELEMENTS",
     "DEFAULT_MIN_INTENSITY",
     "ContributionOp",
     "DenseOp",
@@ -54,10 +56,18 @@ __all__ = [
     "tiles_of",
 ]
 
-#: Share of active tiles above which :class:`SparseTileOp` runs the dense path instead.
+#: Share of active tiles above which :class:`SparseTileOp` runs the dense path instead: on the
+#: demo model at 256 x 256 (one CPU thread) the sparse path stopped paying between 35% and 50%
+#: of the tiles (gathering, the halo and the per-box op calls).
 DEFAULT_DENSE_ABOVE = 0.5
-#: Convs with fewer MACs per input element run their op dense (:func:`build_contribution_op`).
+#: Convs with fewer MACs per input element run their op dense (:func:`build_contribution_op`):
+#: a depthwise 3 x 3 conv (9) or a 1 x 1 conv to 4 classes (4) costs less dense than the
+#: patch gather of its sparse op (2-8x slower at 10% active tiles on one CPU thread).
 DEFAULT_MIN_INTENSITY = 16.0
+#: Layer inputs with fewer elements are not tiled, only skipped when they are all zero: each
+#: tiled layer costs a few dozen small torch calls (0.2-0.4 ms on one CPU thread), more than
+#: tiling saves on a 16 x 64 x 64 input.
+DEFAULT_MIN_ELEMENTS = 1 << 16
 #: The sparse convolutions' spatial ranks.
 _SPARSE_RANKS = (1, 2, 3)
 
@@ -148,6 +158,21 @@ def _runs_eager(*tensors: Tensor) -> bool:
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
+class _Quantized(NamedTuple):
+    """What :meth:`SparseTileOp.quantize` knows about the ``q`` it returned.
+
+    Attributes:
+        q: The tensor returned.
+        padded: The padded buffer ``q`` lives in (:func:`~resq_brevitas.nn.sparse.padded_zeros`).
+        state: ``"zero"`` (no tile quantized: ``q`` is zeros), ``"whole"`` (quantized whole: the
+            op runs dense) or ``"padded"`` (sparse, in ``padded``).
+    """
+
+    q: Tensor
+    padded: Tensor | None
+    state: str
+
+
 def _check_share(value: Any, name: str, maximum: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
             0.0 <= value <= maximum):
@@ -162,7 +187,9 @@ class SparseTileOp:
 
     The quantizer writes into a zero buffer padded for the conv's tile plan
     (:func:`padded_zeros`), so the contribution of the tensor it returned reads its patches
-    without copying the input once more. The op runs the dense path instead when the call is
+    without copying the input once more; when it quantized nothing, ``q`` and the contribution
+    are :func:`~resq_brevitas.nn.sparse.broadcast_zeros` (no memory written, no weight
+    quantized). The op runs the dense path instead when the call is
     traced or compiled, or when autograd needs a gradient: it is an inference executor, and the
     dense op is the graph to export or train.
 
@@ -173,19 +200,26 @@ class SparseTileOp:
         sparse_op: Compute the contribution tile by tile (``False``: only the quantization is
             sparse and the layer's op runs dense, for ops too cheap to gain from tiling).
         box_slack: See :func:`use_boxes` (``>= 0``; ``0``: single tiles only).
+        min_elements: Inputs with fewer elements are one tile: skipped when no entry is above
+            the zero band, else quantized and computed dense (see
+            :data:`DEFAULT_MIN_ELEMENTS`).
 
     Raises:
-        ValueError: If ``dense_above`` is outside ``[0, 1]``, ``box_slack`` is negative or
-            ``tile`` is malformed.
+        ValueError: If ``dense_above`` is outside ``[0, 1]``, ``box_slack`` or
+            ``min_elements`` is negative or ``tile`` is malformed.
     """
 
     name = "sparse"
 
     def __init__(self, geometry: ConvGeometry | int, tile: int | Sequence[int] | None = None,
                  dense_above: float = DEFAULT_DENSE_ABOVE, sparse_op: bool = True,
-                 box_slack: float = DEFAULT_BOX_SLACK) -> None:
+                 box_slack: float = DEFAULT_BOX_SLACK,
+                 min_elements: int = DEFAULT_MIN_ELEMENTS) -> None:
         _check_share(dense_above, "dense_above", 1.0)
         _check_share(box_slack, "box_slack", math.inf)
+        if isinstance(min_elements, bool) or not isinstance(min_elements, int) or min_elements < 0:
+            raise ValueError(f"min_elements must be an int >= 0, got {min_elements!r}")
+        self.min_elements = min_elements
         self.out_features = geometry if isinstance(geometry, int) else None
         self.geometry = None if isinstance(geometry, int) else geometry
         self.tile = None if self.geometry is None else normalized_tile(tile, self.geometry.rank)
@@ -194,8 +228,8 @@ class SparseTileOp:
         self.sparse_op = bool(sparse_op)
         self.counter = TileCounter()
         self.quant_counter = TileCounter()
-        # (q, padded) of the last quantize: its padded buffer, until the contribution reads it.
-        self._pending: tuple[Tensor, Tensor] | None = None
+        # What the last quantize knows about the q it returned, until the op of that q reads it.
+        self._pending: _Quantized | None = None
 
     def quantize(self, quant: Callable[[Tensor], Tensor], delta: Tensor,
                  zero_band: Callable[[], float] | None = None) -> Tensor:
@@ -203,44 +237,90 @@ class SparseTileOp:
         if not _runs_eager(delta):
             return quant(delta)
         band = 0.0 if zero_band is None else zero_band()
-        if self.geometry is None:
-            result = sparse_quantize_rows(quant, delta, band)
-        elif self.sparse_op and delta.dim() == self.geometry.rank + 2:
-            assert self.tile is not None
-            plans = plan_axes(self.geometry, delta.shape[2:], self.tile)
-            buffers: list[tuple[Tensor, Tensor]] = []
-
-            def padded_interior() -> Tensor:
-                buffers.append(padded_zeros(delta, plans))
-                return buffers[0][0]
-
-            result = sparse_quantize(quant, delta, self.tile, padded_interior,
-                                     self.dense_above, band, self.box_slack)
-            # Quantized whole (most tiles active): the contribution runs dense, no second test.
-            self._pending = (result.out, buffers[0][1] if buffers else None)
+        if delta.numel() < self.min_elements:
+            result, padded = self._all_or_nothing(quant, delta, band), None
+        elif self.geometry is None:
+            result, padded = sparse_quantize_rows(quant, delta, band), None
         else:
-            result = sparse_quantize(quant, delta, self.tile, dense_above=self.dense_above,
-                                     zero_band=band, box_slack=self.box_slack)
+            result, padded = self._sparse_quantize(quant, delta, band)
+        if result.computed == 0 and result.out.numel():
+            state = "zero"  # nothing to send: the op computes nothing either
+        elif padded is not None:
+            state = "padded"
+        else:
+            state = "whole"  # quantized whole or by tokens: no padded buffer to hand over
+        self._pending = _Quantized(result.out, padded, state)
         self.quant_counter.add(result.computed, result.total)
         return result.out
 
+    def _sparse_quantize(self, quant: Callable[[Tensor], Tensor], delta: Tensor, band: float
+                         ) -> tuple[SparseResult, Tensor | None]:
+        """:func:`sparse_quantize` of a conv input, into a buffer padded for the op when the op
+        is tiled; also returns that buffer's padded view (``None`` if none was made)."""
+        assert self.geometry is not None
+        if not (self.sparse_op and delta.dim() == self.geometry.rank + 2):
+            return sparse_quantize(quant, delta, self.tile, dense_above=self.dense_above,
+                                   zero_band=band, box_slack=self.box_slack), None
+        plans = plan_axes(self.geometry, delta.shape[2:], self.tile)
+        buffers: list[tuple[Tensor, Tensor]] = []
+
+        def padded_interior() -> Tensor:
+            buffers.append(padded_zeros(delta, plans))
+            return buffers[0][0]
+
+        result = sparse_quantize(quant, delta, self.tile, padded_interior, self.dense_above,
+                                 band, self.box_slack)
+        # The buffer holds q only if the sparse path wrote q into it.
+        return result, buffers[0][1] if buffers and result.out is buffers[0][0] else None
+
+    @staticmethod
+    def _all_or_nothing(quant: Callable[[Tensor], Tensor], delta: Tensor, band: float
+                        ) -> SparseResult:
+        """A small input is one tile: zeros if no entry is above the band, else quantized
+        whole (tiling it would cost more in op calls than it skips)."""
+        if bool(delta.amax() > band) or bool(delta.amin() < -band):
+            return SparseResult(quant(delta), 1, 1)
+        return SparseResult(broadcast_zeros(delta, delta.shape), 0, 1)
+
     def __call__(self, view: nn.Module, q: Tensor, weight: Callable[[], Tensor]) -> Tensor:
         pending, self._pending = self._pending, None
-        if not (self.sparse_op and _runs_eager(q, view.weight)):
+        if pending is not None and pending.q is not q:
+            pending = None  # another tensor than the one quantized last: nothing known about it
+        if pending is not None and pending.state == "zero":
+            result = self._zero_output(q)
+        elif not _runs_eager(q, view.weight):
             return view.inner_forward_impl(q, weight(), None)
-        if self.geometry is None:
-            result = sparse_linear_contribution(q, weight, self.dense_above, self.out_features)
-        elif pending is not None and pending[0] is q and pending[1] is None:
-            assert self.tile is not None
-            plans = plan_axes(self.geometry, q.shape[2:], self.tile)
-            total = math.prod(p.tiles for p in plans) * q.shape[0]
+        elif (not self.sparse_op or q.numel() < self.min_elements
+              or (pending is not None and pending.state == "whole" and self.geometry is not None)):
+            total = self._output_tiles(q)
             result = SparseResult(view.inner_forward_impl(q, weight(), None), total, total)
+        elif self.geometry is None:
+            result = sparse_linear_contribution(q, weight, self.dense_above, self.out_features)
         else:
-            padded = pending[1] if pending is not None and pending[0] is q else None
+            padded = pending.padded if pending is not None else None
             result = sparse_conv_contribution(q, weight, self.geometry, self.tile,
                                               self.dense_above, padded, self.box_slack)
         self.counter.add(result.computed, result.total)
         return result.out
+
+    def _output_tiles(self, q: Tensor) -> int:
+        """Output tiles (tokens for ``Linear``) of the op on ``q``."""
+        if self.geometry is None:
+            return q[..., 0].numel()
+        assert self.tile is not None
+        plans = plan_axes(self.geometry, q.shape[2:], self.tile)
+        return math.prod(p.tiles for p in plans) * q.shape[0]
+
+    def _zero_output(self, q: Tensor) -> SparseResult:
+        """The contribution of a ``q`` with nothing in it: zeros of the op's output shape."""
+        if self.geometry is None:
+            assert self.out_features is not None
+            shape = (*q.shape[:-1], self.out_features)
+        else:
+            assert self.tile is not None
+            plans = plan_axes(self.geometry, q.shape[2:], self.tile)
+            shape = (q.shape[0], self.geometry.out_channels, *(p.out_size for p in plans))
+        return SparseResult(broadcast_zeros(q, shape), 0, self._output_tiles(q))
 
     def __repr__(self) -> str:
         return (f"SparseTileOp(tile={self.tile}, dense_above={self.dense_above}, "
@@ -259,7 +339,8 @@ def build_contribution_op(layer: nn.Module, execution: str, *,
         min_intensity: Convs with fewer MACs per input element (:func:`conv_intensity`) run
             their op dense (their quantization stays sparse): gathering patches would cost
             more than the op. ``0``: tile every conv.
-        **options: :class:`SparseTileOp` options (``tile``, ``dense_above``, ``box_slack``).
+        **options: :class:`SparseTileOp` options (``tile``, ``dense_above``, ``box_slack``,
+            ``min_elements``).
 
     Returns:
         ``(op, reason)``: ``reason`` is ``None`` unless a sparse request runs the op dense.
@@ -300,7 +381,8 @@ def apply_execution(layers: Iterable[tuple[str, nn.Module]], execution: str,
     Args:
         layers: ``(name, ResQ layer)`` pairs (e.g. ``qm.resq_layers()``).
         execution: ``"dense"`` or ``"sparse"``.
-        **options: :class:`SparseTileOp` options (``tile``, ``dense_above``, ``box_slack``).
+        **options: :class:`SparseTileOp` options (``tile``, ``dense_above``, ``box_slack``,
+            ``min_elements``).
 
     Returns:
         ``"name (reason)"`` for each layer that stays dense although sparse was asked for.
@@ -318,8 +400,8 @@ def apply_execution(layers: Iterable[tuple[str, nn.Module]], execution: str,
 
 
 def tiles_of(layers: Iterable[tuple[str, nn.Module]]) -> TileCounter:
-    """The summed :class:`TileCounter` of the sparse executors of ``layers`` (``(name, layer)``
-    pairs, e.g. ``qm.resq_layers()``)."""
+    """The summed op :class:`TileCounter` (``counter``: output tiles) of the sparse executors of
+    ``layers`` (``(name, layer)`` pairs, e.g. ``qm.resq_layers()``)."""
     total = TileCounter()
     for _, layer in layers:
         counter = getattr(getattr(getattr(layer, "residual", None), "op", None), "counter", None)
@@ -331,8 +413,11 @@ def tiles_of(layers: Iterable[tuple[str, nn.Module]]) -> TileCounter:
 
 
 def reset_tile_counters(layers: Iterable[tuple[str, nn.Module]]) -> None:
-    """Reset the :class:`TileCounter` of every sparse executor of ``layers``."""
+    """Reset both :class:`TileCounter` (op and quantizer) of every sparse executor of
+    ``layers``."""
     for _, layer in layers:
-        counter = getattr(getattr(getattr(layer, "residual", None), "op", None), "counter", None)
-        if counter is not None:
-            counter.reset()
+        op = getattr(getattr(layer, "residual", None), "op", None)
+        for name in ("counter", "quant_counter"):
+            counter = getattr(op, name, None)
+            if counter is not None:
+                counter.reset()

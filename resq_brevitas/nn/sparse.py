@@ -44,6 +44,7 @@ __all__ = [
     "SparseResult",
     "active_tiles",
     "auto_edge",
+    "broadcast_zeros",
     "bounding_boxes",
     "conv_geometry",
     "conv_intensity",
@@ -64,7 +65,12 @@ DEFAULT_TILE: Mapping[int, int] = MappingProxyType({1: 64, 2: 16, 3: 8})
 MIN_EDGE = 4
 #: Default tiles per dim.
 AUTO_GRID = 16
-#: Compute a bounding box of tiles when it holds at most this many times the active tiles.
+#: Compute a bounding box of tiles when it holds at most this many times the active tiles: a box
+#: is read and written with slice copies, single tiles with ``index`` / ``index_put_`` on strided
+#: views, which took 2-5 ns per element on one CPU thread (several times a slice copy), so a box
+#: up to twice the active area is still the cheaper of the two (demo model at 256 x 256, one
+#: thread, 5/10/25% changed area: 0.60/0.81/0.83x the dense residual frame with boxes,
+#: 0.74/0.99/1.23x with single tiles only).
 DEFAULT_BOX_SLACK = 2.0
 
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -271,9 +277,9 @@ def auto_edge(size: int, rank: int) -> int:
     a frame is cut into a similar grid at every resolution of a network, so a moving object
     covers a similar share of tiles in every layer. Why these bounds: a tile of a 3 x 3 conv
     reads a ``(tile + 2)``-wide patch (2.25x the tile's own work at 4, 1.27x at 16), small
-    patches cost a per-patch overhead in the conv, and large tiles cover more unchanged pixels;
-    on the demo model (``benchmarks/bench_sparse.py --tiles``) this rule was as fast as the
-    best fixed edge at 256 x 256 and faster at 64 x 64.
+    patches cost a per-patch overhead in the conv, and large tiles cover more unchanged pixels.
+    On the demo model (``benchmarks/bench_sparse.py --tiles auto 8 16``, RESULTS.md section 8)
+    this rule and fixed edges of 8 and 16 were within measurement noise of each other.
     """
     return max(MIN_EDGE, min(DEFAULT_TILE.get(rank, MIN_EDGE), size // AUTO_GRID))
 
@@ -324,6 +330,15 @@ def padded_zeros(like: Tensor, plans: Sequence[AxisPlan]) -> tuple[Tensor, Tenso
         length = (plan.tiles - 1) * plan.step + plan.patch
         padded = padded.narrow(2 + i, max(-plan.pad_before, 0), length)
     return interior, padded
+
+
+def broadcast_zeros(like: Tensor, shape: Sequence[int]) -> Tensor:
+    """A zero tensor of ``shape`` that writes no memory: one zero broadcast with stride 0.
+
+    What a call that skipped every tile returns. It is read-only (an in-place op on it raises);
+    adding it to the reference, as a residual step does, is an ordinary add.
+    """
+    return like.new_zeros(()).expand(*shape)
 
 
 def max_abs(x: Tensor, dim: int) -> Tensor:
@@ -537,7 +552,7 @@ def sparse_conv_contribution(q: Tensor, weight: Tensor | Callable[[], Tensor],
     if computed > dense_above * total:
         return SparseResult(_dense_conv(q, _resolve(weight), geometry), total, total)
     if computed == 0:
-        return SparseResult(q.new_zeros(shape), 0, total)
+        return SparseResult(broadcast_zeros(q, shape), 0, total)
     boxes = bounding_boxes(index)
     if use_boxes(boxes, computed, box_slack):
         return _box_contribution(padded, _resolve(weight), geometry, plans, boxes, shape, total)
@@ -598,6 +613,7 @@ def sparse_quantize(quant: Callable[[Tensor], Tensor], delta: Tensor,
     Returns:
         A :class:`SparseResult`: ``q``, and the tiles quantized (boxes count whole) out of the
         tiles in the divisible part of ``S`` (all of them, when it quantized ``delta`` whole).
+        With no tile to quantize (and no border strip), ``q`` is :func:`broadcast_zeros`.
     """
     rank = delta.dim() - 2
     spatial = delta.shape[2:]
@@ -615,6 +631,9 @@ def sparse_quantize(quant: Callable[[Tensor], Tensor], delta: Tensor,
     computed, total = int(index[0].numel()), active.numel()
     if computed > dense_above * total:
         return SparseResult(quant(delta), total, total)
+    strips = [size - count * edge for size, count, edge in zip(spatial, tiles, edges)]
+    if computed == 0 and not any(strips):
+        return SparseResult(broadcast_zeros(delta, delta.shape), 0, total)
     if out is None:
         out = delta.new_zeros(delta.shape)
     elif not isinstance(out, Tensor):
@@ -633,8 +652,7 @@ def sparse_quantize(quant: Callable[[Tensor], Tensor], delta: Tensor,
             main_out = main_out.narrow(2 + i, 0, count * edge)
         values = quant(_tile_view(main, tiles, edges)[index])
         _tile_view(main_out, tiles, edges).index_put_(index, values)
-    for i, (count, edge) in enumerate(zip(tiles, edges)):
-        rest = spatial[i] - count * edge
+    for i, (count, edge, rest) in enumerate(zip(tiles, edges, strips)):
         if rest:  # the border strip along dim i, whole
             strip = delta.narrow(2 + i, count * edge, rest)
             out.narrow(2 + i, count * edge, rest).copy_(quant(strip))
@@ -647,9 +665,10 @@ def sparse_quantize_rows(quant: Callable[[Tensor], Tensor], delta: Tensor,
     ``zero_band`` in magnitude (see :func:`sparse_quantize`)."""
     rows = delta.reshape(-1, delta.shape[-1])
     index = (max_abs(rows, 1).squeeze(1) > zero_band).nonzero().squeeze(1)
+    if index.numel() == 0:
+        return SparseResult(broadcast_zeros(delta, delta.shape), 0, rows.shape[0])
     out = rows.new_zeros(rows.shape)
-    if index.numel():
-        out.index_copy_(0, index, quant(rows.index_select(0, index)))
+    out.index_copy_(0, index, quant(rows.index_select(0, index)))
     return SparseResult(out.view(delta.shape), int(index.numel()), rows.shape[0])
 
 
@@ -682,7 +701,7 @@ def sparse_linear_contribution(q: Tensor, weight: Tensor | Callable[[], Tensor],
     if computed > dense_above * total:
         return SparseResult(F.linear(q, _resolve(weight)), total, total)
     if computed == 0:
-        return SparseResult(q.new_zeros((*q.shape[:-1], out_features)), 0, total)
+        return SparseResult(broadcast_zeros(q, (*q.shape[:-1], out_features)), 0, total)
     out = rows.new_zeros((total, out_features))
     out.index_copy_(0, index, F.linear(rows.index_select(0, index), _resolve(weight)))
     return SparseResult(out.view(*q.shape[:-1], out_features), computed, total)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import onnx
@@ -415,13 +416,9 @@ def test_qcdq_at_onnxruntime_default_optimisation_agrees_as_sqnr(net_class, vide
 def test_sparse_execution_exports_the_dense_graphs(qm, video, reference, tmp_path):
     """Export runs the dense op whatever the runtime executor: the same ONNX graphs, and the
     stream reproduces the dense model."""
-    import warnings
-
-    from resq_brevitas.convert import with_execution
-
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sparse = with_execution(qm, "sparse")
+        warnings.simplefilter("ignore")  # the dense-fallback report
+        sparse = resq.with_execution(qm, "sparse")
     export(qm, video[:, 0], tmp_path / "dense", format="qcdq")
     export(sparse, video[:, 0], tmp_path / "sparse", format="qcdq")
     for name in ("keyframe", "residual"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import warnings
 
 import pytest
 import torch
@@ -325,13 +326,9 @@ def test_unroll_rejects_bad_input():
 def test_sparse_execution_gives_the_same_step_graphs(qm, video):
     """The executor sits inside the leaf steps: a sparse model's fx step graphs are the dense
     model's, run (eagerly, sparse) to the same outputs, and torch.export traces the dense op."""
-    import warnings
-
-    from resq_brevitas.convert import with_execution
-
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sparse = with_execution(qm, "sparse")
+        warnings.simplefilter("ignore")  # the dense-fallback report
+        sparse = resq.with_execution(qm, "sparse")
     dense_steps, sparse_steps = step_graphs(qm), step_graphs(sparse)
     for kind in ("keyframe", "residual"):
         targets = [(n.op, str(n.target)) for n in getattr(sparse_steps, kind).graph.nodes]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import resq_brevitas as resq
-from resq_brevitas.convert import with_execution
+from resq_brevitas import with_execution
 from resq_brevitas.nn import ResQConv2d, ResQConvTranspose2d, ResQLinear
 from resq_brevitas.nn.executors import (
     DenseOp,
@@ -237,7 +237,7 @@ def test_the_sparse_executor_in_a_layer_equals_the_dense_one(cls, kwargs, shape)
     delta = 3 * sparse_input(shape, 0.2, seed=4)
     with torch.no_grad():
         dense = layer.residual_forward(delta)
-        op, reason = build_contribution_op(layer, "sparse", min_intensity=0)
+        op, reason = build_contribution_op(layer, "sparse", min_intensity=0, min_elements=0)
         assert reason is None and isinstance(op, SparseTileOp)
         layer.residual.op = op
         sparse = layer.residual_forward(delta)
@@ -315,7 +315,7 @@ def run_both(config: resq.ResQConfig, clip: torch.Tensor):
     dense.measure_density = True  # the densities are compared below (static ResQ: off by default)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sparse = with_execution(dense, "sparse")
+        sparse = with_execution(dense, "sparse", min_elements=0)  # tile even these small inputs
     with torch.no_grad():
         return dense, dense(clip), sparse, sparse(clip)
 
@@ -360,6 +360,7 @@ def test_a_static_clip_computes_no_tile() -> None:
     assert tiles.calls > 0 and tiles.total > 0 and tiles.computed == 0
     reset_tile_counters(sparse.resq_layers())
     assert tiles_of(sparse.resq_layers()).calls == 0
+    assert all(op.quant_counter.calls == 0 for op in ops)
 
 
 class ResidualOf(nn.Module):
@@ -401,3 +402,25 @@ def test_autograd_and_tracing_run_the_dense_op() -> None:
         # The traced graph is the dense op: it holds for another input's sparsity pattern.
         torch.testing.assert_close(traced(other), layer.residual_forward(other))
     assert op.counter.calls == 1  # the eager call ran sparse
+
+
+def test_small_inputs_are_one_tile_skipped_when_zero() -> None:
+    layer = ResQConv2d(4, 8, 3, padding=1, **QUANT).eval()
+    op, _ = build_contribution_op(layer, "sparse", min_elements=10_000)
+    layer.residual.op = op
+    weights = []
+    quant_weight = layer.residual.quant_weight
+    layer.residual.quant_weight = lambda: weights.append(1) or quant_weight()
+    small = torch.zeros(1, 4, 16, 16)  # 1024 elements
+    with torch.no_grad():
+        assert not layer.residual_forward(small).any()
+        assert (op.quant_counter.computed, op.quant_counter.total) == (0, 1)
+        assert op.counter.computed == 0 and not weights  # nothing computed, no weight
+        small[0, 2, 5, 7] = 1.0
+        torch.testing.assert_close(layer.residual_forward(small),
+                                   layer.residual.view.inner_forward_impl(
+                                       layer.residual.view.input_quant(small).value,
+                                       quant_weight(), None))
+    assert (op.quant_counter.computed, op.quant_counter.total) == (1, 2)
+    # the second call ran dense: every output tile, half of the two calls' tiles
+    assert op.counter.total == 2 * op.counter.computed > 0 and weights
