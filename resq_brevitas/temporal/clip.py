@@ -23,11 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from resq_brevitas.nn.cost import LayerCost
 from resq_brevitas.nn.layers import ResQLayerMixin
 from resq_brevitas.temporal.context import FrameContext
 from resq_brevitas.temporal.schedule import KeyframeSchedule
-from resq_brevitas.temporal.state import LayerState, _nonzero_share, report_residual
+from resq_brevitas.temporal.state import LayerState, layer_cost, report_residual
 from resq_brevitas.temporal.step import Reference, residual_step
 
 __all__ = ["ClipExecutor", "ClipLayout", "ClipPlan", "NotBatchable", "plan_clip"]
@@ -252,13 +251,8 @@ class ClipExecutor:
             if res is not None and res.sent.bit_map is not None:
                 bit_map[self.keys:] = res.sent.bit_map.to("cpu", torch.int8)
             ctx.outputs.bit_maps[state.name] = bit_map
-        cost = None
-        if inputs.record_costs:
-            macs = layer.macs(tuple(x.shape[1:]), tuple(z.shape[1:]))
-            cost = LayerCost(macs=macs, key_mask=key.cpu(),
-                             key_bops=float(layer.keyframe_bops(macs)))
-            if inputs.record_density:
-                cost.frame_density = _nonzero_share(x)
+        cost = layer_cost(layer, x, z, key, ctx)
+        if cost is not None:
             ctx.outputs.costs[state.name] = cost
         if res is not None:
             report_residual(state.name, layer, ctx, cost, res, res_idx, rows)

@@ -27,7 +27,7 @@ from resq_brevitas.policy.refresh import truncated_energy_rrm_eq7
 from resq_brevitas.temporal.context import FrameContext
 from resq_brevitas.temporal.step import Reference, StepResult, keyframe_step, residual_step
 
-__all__ = ["LayerState", "report_residual"]
+__all__ = ["LayerState", "layer_cost", "report_residual"]
 
 
 def _rows(values: Tensor, idx: Tensor | None) -> Tensor:
@@ -172,13 +172,7 @@ class LayerState:
                     key_bits = bit_map.new_full((key_idx.numel(),) + tuple(bit_map.shape[1:]),
                                                 layer.keyframe_precision.bops_act_bits)
                     bit_map = _assemble(key_idx, key_bits, res_idx, bit_map)
-        cost = None
-        if inputs.record_costs:
-            macs = layer.macs(tuple(x.shape[1:]), tuple(z.shape[1:]))
-            cost = LayerCost(macs=macs, key_mask=key.cpu(),
-                             key_bops=float(layer.keyframe_bops(macs)))
-            if inputs.record_density:
-                cost.frame_density = _nonzero_share(x)
+        cost = layer_cost(layer, x, z, key, ctx)
         if res is not None:
             report_residual(self.name, layer, ctx, cost, res, res_idx, rows)
         if cost is not None:
@@ -254,6 +248,21 @@ def _per_stream(cost: LayerCost, streams: int) -> LayerCost:
                      pooled(cost.residual_bops, True), pooled(cost.residual_bits, False),
                      pooled(cost.policy_bops, True), pooled(cost.residual_density, False),
                      pooled(cost.frame_density, False))
+
+
+def layer_cost(layer: ResQLayerMixin, x: Tensor, z: Tensor, key: Tensor,
+                ctx: FrameContext) -> LayerCost | None:
+    """The keyframe part of a layer call's record (``None`` when costs are off): MACs, the
+    keyframe rows' BOPs and, if asked for, the input density; residual rows are added by
+    :func:`report_residual`."""
+    inputs = ctx.inputs
+    if not inputs.record_costs:
+        return None
+    macs = layer.macs(tuple(x.shape[1:]), tuple(z.shape[1:]))
+    cost = LayerCost(macs=macs, key_mask=key.cpu(), key_bops=float(layer.keyframe_bops(macs)))
+    if inputs.record_density:
+        cost.frame_density = _nonzero_share(x)
+    return cost
 
 
 def report_residual(name: str, layer: ResQLayerMixin, ctx: FrameContext,
