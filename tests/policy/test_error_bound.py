@@ -202,9 +202,11 @@ def test_fit_error_polynomial_is_monotone_beyond_the_calibrated_range() -> None:
     predicted = predict_error_rrm_eq8(fitted, far)
     assert bool((predicted.diff() >= 0).all()) and predicted[-1] > error.max()
     # It describes the calibration pairs at least as well as the best straight line c_1 * e
-    # (a feasible non-negative fit).
+    # (a feasible non-negative fit; when the fit is that line, the two residual norms agree
+    # only to float rounding, hence the 1e-9 relative margin).
     line = float((energy @ error) / (energy @ energy)) * energy
-    assert (predict_error_rrm_eq8(fitted, energy) - error).norm() <= (line - error).norm()
+    best_line = (line - error).norm()
+    assert (predict_error_rrm_eq8(fitted, energy) - error).norm() <= best_line * (1 + 1e-9)
 
 
 def test_nonnegative_least_squares_matches_scipy() -> None:
