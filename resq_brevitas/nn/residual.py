@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from resq_brevitas.config import Precision
 from resq_brevitas.nn.cost import precision_bops
 from resq_brevitas.nn.executors import ContributionOp, DenseOp
+from resq_brevitas.quant.fused import FusedActQuant
 from resq_brevitas.quant.quantizers import act_quant, weight_quant
 
 __all__ = [
@@ -215,8 +216,9 @@ class StaticResidual(ResidualPath):
         if not quant.is_quant_enabled:
             return Sent(delta)
         # The executor decides which entries go through the quantizer: all, or the tiles that
-        # hold an entry eq. 1 does not round to 0.
-        return Sent(self.op.quantize(lambda t: value_of(quant(t)), delta, self.zero_band))
+        # hold an entry eq. 1 does not round to 0. FusedActQuant: the proxy's values without
+        # its nine temporaries when no gradient is needed.
+        return Sent(self.op.quantize(FusedActQuant(quant), delta, self.zero_band))
 
     def zero_band(self) -> float:
         """A magnitude below which eq. 1 certainly rounds a residual entry to 0.
@@ -313,7 +315,7 @@ class PoolResidual(ResidualPath):
             if bits == 0 and quant.act_quant.is_quant_enabled:
                 out.append(torch.zeros_like(delta))
             else:
-                out.append(value_of(quant(delta)))
+                out.append(FusedActQuant(quant.act_quant)(delta))
         return out
 
     def quantize(self, delta: Tensor) -> Sent:
