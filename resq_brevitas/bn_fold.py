@@ -21,9 +21,15 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from resq_brevitas.nn.layers import DEFAULT_LAYER_MAP, overridden_members, resq_layer_class_of
+from resq_brevitas.nn.layers import (
+    DEFAULT_LAYER_MAP,
+    is_resq_layer,
+    overridden_members,
+    resq_class_for,
+    resq_layer_class_of,
+)
 
-__all__ = ["BN_TYPES", "LayerMap", "conv_bn_pairs_fx", "conv_bn_pairs_eager",
+__all__ = ["BN_TYPES", "LayerMap", "LayerMapTracer", "conv_bn_pairs_fx", "conv_bn_pairs_eager",
            "fold_batch_norms", "is_plain_batch_norm", "kept_batch_norm_subclasses",
            "warn_unfolded"]
 
@@ -57,6 +63,20 @@ def kept_batch_norm_subclasses(model: nn.Module) -> list[str]:
             if isinstance(m, BN_TYPES) and not is_plain_batch_norm(m)]
 
 
+class LayerMapTracer(torch.fx.Tracer):
+    """``torch.fx`` tracer whose leaves are torch's own modules, every supported module (a
+    layer map key or a subclass of one that changes only ``__init__``, such as torchvision's
+    ``Conv3DSimple``; ResQ layers) and every plain BatchNorm subclass."""
+
+    def __init__(self, layer_map: LayerMap = DEFAULT_LAYER_MAP) -> None:
+        super().__init__()
+        self.layer_map = layer_map
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (resq_class_for(m, self.layer_map) is not None or is_resq_layer(m)
+                or is_plain_batch_norm(m) or super().is_leaf_module(m, module_qualified_name))
+
+
 def _is_bn(module: nn.Module | None) -> bool:
     return module is not None and is_plain_batch_norm(module)
 
@@ -68,7 +88,7 @@ def conv_bn_pairs_fx(model: nn.Module, layer_map: LayerMap = DEFAULT_LAYER_MAP
     Raises:
         Exception: Whatever ``torch.fx.symbolic_trace`` raises on untraceable code.
     """
-    graph = torch.fx.symbolic_trace(model).graph
+    graph = LayerMapTracer(layer_map).trace(model)
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":

@@ -37,7 +37,12 @@ import torch.nn.functional as F
 from brevitas.graph.base import ModuleInstanceToModuleInstance, ModuleToModuleByInstance
 from torch import fx, nn
 
-from resq_brevitas.bn_fold import LayerMap, fold_batch_norms, kept_batch_norm_subclasses
+from resq_brevitas.bn_fold import (
+    LayerMap,
+    LayerMapTracer,
+    fold_batch_norms,
+    kept_batch_norm_subclasses,
+)
 from resq_brevitas.config import ResQConfig
 from resq_brevitas.nn.executors import apply_execution
 from resq_brevitas.nn.layers import (
@@ -117,23 +122,11 @@ class Survey:
         return self.unsupported + self.own_forward + self.bypassed
 
 
-class _SurveyTracer(fx.Tracer):
-    """torch.fx tracer whose leaves are torch's own modules and every supported module."""
-
-    def __init__(self, layer_map: LayerMap) -> None:
-        super().__init__()
-        self.layer_map = layer_map
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return (is_resq_layer(m) or resq_class_for(m, self.layer_map) is not None
-                or super().is_leaf_module(m, module_qualified_name))
-
-
 def _traced_graphs(model: nn.Module, layer_map: LayerMap) -> Iterator[tuple[str, fx.Graph]]:
     """``(prefix, graph)`` covering as much of ``model`` as ``torch.fx`` can trace: the whole
     model, else each child that traces on its own (the root's input checks need not block the
     blocks below it)."""
-    tracer = _SurveyTracer(layer_map)
+    tracer = LayerMapTracer(layer_map)
     try:
         yield "", tracer.trace(model)
         return
@@ -210,7 +203,7 @@ def survey(model: nn.Module, layer_map: LayerMap = DEFAULT_LAYER_MAP) -> Survey:
         found.bypassed.append(f"{parent or '<root>'} ({type(modules[parent]).__name__}: calls "
                               f"F.linear/F.conv on {', '.join(local)}.weight)")
         found.bypassed_children.update(children)
-    leaf = _SurveyTracer(layer_map)
+    leaf = LayerMapTracer(layer_map)
     inside: list[str] = []  # targets whose subtree is theirs
     for name, module in model.named_modules():
         if any(name.startswith(t + ".") for t in inside) or name in found.bypassed_children:
