@@ -12,10 +12,15 @@ The injectors work on their own in plain Brevitas layers::
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import torch
 from brevitas.core.function_wrapper import TensorClamp
 from brevitas.core.stats import AbsMax
 from brevitas.inject.enum import RestrictValueType, ScalingImplType, ScalingPerOutputType
+from brevitas.proxy.parameter_quant import BiasQuantProxyFromInjector, WeightQuantProxyFromInjector
+from brevitas.proxy.runtime_quant import ActQuantProxyFromInjector
 from brevitas.quant.base import IntQuant, MaxStatsScaling
 from brevitas.quant.solver import ActQuantSolver, WeightQuantSolver
 from torch import Tensor, nn
@@ -34,6 +39,8 @@ __all__ = [
     "ResQZeroActQuant",
     "weight_quant",
     "act_quant",
+    "InjectorRecipe",
+    "make_picklable",
     "make_unsigned",
     "quantize_eq1",
     "quantize_unsigned",
@@ -219,3 +226,122 @@ def act_quant(bits: int | None) -> type | None:
     if bits == 0:
         return ResQZeroActQuant
     return ResQActQuant.let(bit_width=bits)
+
+
+# ---------------------------------------------------------------------------- pickling
+# Brevitas builds a proxy's injector with ``Injector.let(...)``: a class created at run time
+# (``brevitas.inject.ResQActQuant``, one per proxy since it binds ``proxy_module``) that pickle
+# cannot find by name, so ``torch.save(model)`` fails upstream. The proxies of ResQ layers are
+# given picklable subclasses whose state stores the injector as a recipe: the nearest class
+# importable by name plus the ``let`` attributes of the run-time classes above it.
+
+
+def _importable(cls: type) -> bool:
+    module = sys.modules.get(cls.__module__)
+    return module is not None and getattr(module, cls.__qualname__, None) is cls
+
+
+class InjectorRecipe:
+    """A picklable description of a Brevitas injector class: an importable base class and the
+    attributes that run-time ``let`` calls added (outermost last)."""
+
+    def __init__(self, base: type, attributes: dict[str, Any]) -> None:
+        self.base = base
+        self.attributes = attributes
+
+    @classmethod
+    def of(cls, injector: type) -> InjectorRecipe:
+        """The recipe of ``injector``.
+
+        ``let`` leaves no trace of its keyword arguments but the resolved dependency specs
+        (``__dependencies__``): each spec a run-time class changed against its parent gives one
+        argument back (a raw value is wrapped in a spec; a class or function is the spec).
+
+        Raises:
+            TypeError: If no class of its MRO is importable by name.
+        """
+        changed: list[dict[str, Any]] = []
+        for klass, parent in zip(injector.__mro__, injector.__mro__[1:]):
+            if _importable(klass):
+                return cls(klass, _merged(changed))
+            mine = vars(klass).get("__dependencies__", {})
+            theirs = getattr(parent, "__dependencies__", {})
+            changed.append({k: _spec_value(spec) for k, spec in mine.items()
+                            if k not in theirs or theirs[k][1] is not spec[1]})
+        raise TypeError(f"injector {injector!r} has no base class importable by name")
+
+    def build(self) -> type:
+        """The injector class again (a new run-time class with the same attributes)."""
+        return self.base.let(**self.attributes) if self.attributes else self.base
+
+
+def _merged(changed: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``let`` arguments of a chain of run-time classes (outermost first): later (outer)
+    ``let`` calls win."""
+    attributes: dict[str, Any] = {}
+    for layer in reversed(changed):
+        attributes.update(layer)
+    return attributes
+
+
+def _spec_value(spec: tuple[Any, ...]) -> Any:
+    value = spec[1]
+    dependency = getattr(value, "dependency", None)  # _dependencies' _RawSpec wraps raw values
+    return dependency if type(value).__name__ == "_RawSpec" else value
+
+
+def _rebuild_proxy(cls: type) -> nn.Module:
+    return cls.__new__(cls)
+
+
+class _PicklableProxy:
+    """Mixin: pickles ``quant_injector`` as an :class:`InjectorRecipe`."""
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        state = dict(self.__dict__)
+        state["quant_injector"] = InjectorRecipe.of(state["quant_injector"])
+        return _rebuild_proxy, (type(self),), state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        state["quant_injector"] = state["quant_injector"].build()
+        nn.Module.__setstate__(self, state)  # type: ignore[arg-type]
+
+
+class PicklableActQuantProxy(_PicklableProxy, ActQuantProxyFromInjector):
+    """``ActQuantProxyFromInjector`` that pickles (see :func:`make_picklable`)."""
+
+
+class PicklableWeightQuantProxy(_PicklableProxy, WeightQuantProxyFromInjector):
+    """``WeightQuantProxyFromInjector`` that pickles (see :func:`make_picklable`)."""
+
+
+class PicklableBiasQuantProxy(_PicklableProxy, BiasQuantProxyFromInjector):
+    """``BiasQuantProxyFromInjector`` that pickles (see :func:`make_picklable`)."""
+
+
+_PICKLABLE = {
+    ActQuantProxyFromInjector: PicklableActQuantProxy,
+    WeightQuantProxyFromInjector: PicklableWeightQuantProxy,
+    BiasQuantProxyFromInjector: PicklableBiasQuantProxy,
+}
+
+
+def make_picklable(module: nn.Module) -> list[str]:
+    """Give every Brevitas quant proxy in ``module`` its picklable subclass, in place.
+
+    The subclass adds only pickling (``__reduce_ex__``/``__setstate__``); the proxy computes
+    exactly what it did. Proxies of other types are left as they are.
+
+    Returns:
+        Names of the proxies left as they are (their type has no picklable subclass here).
+    """
+    left = []
+    for name, proxy in module.named_modules():
+        target = _PICKLABLE.get(type(proxy))
+        if target is not None:
+            proxy.__class__ = target
+        elif type(proxy).__name__.endswith("ProxyFromInjector") and type(proxy) not in (
+                PicklableActQuantProxy, PicklableWeightQuantProxy, PicklableBiasQuantProxy):
+            left.append(name)
+    return left
