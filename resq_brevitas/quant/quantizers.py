@@ -29,6 +29,7 @@ from resq_brevitas.checks import check_choice
 from resq_brevitas.config import validate_bits
 
 __all__ = [
+    "ACT_THRESHOLD_FLOOR",
     "FullRangeIntScaling",
     "HalfRangeIntScaling",
     "ZeroTensorQuant",
@@ -46,6 +47,10 @@ __all__ = [
     "quantize_unsigned",
     "scale_eq6",
 ]
+
+
+#: Smallest activation threshold a ResQ activation quantizer uses (see ``ResQActQuant``).
+ACT_THRESHOLD_FLOOR = 2.0**-15
 
 
 def scale_eq6(r_max: Tensor | float, r_min: Tensor | float, bits: int) -> Tensor:
@@ -174,6 +179,11 @@ class ResQActQuant(IntQuant, ActQuantSolver):
     scaling_per_output_type = ScalingPerOutputType.TENSOR
     restrict_scaling_type = RestrictValueType.FP
     scaling_init = 1.0
+    # Positive floor of the threshold (Brevitas clamps the range parameter, with a straight-
+    # through gradient): a range of exactly 0 (a state_dict, a QAT step) would make the scale 0
+    # and residual frames 0/0 = NaN. 2^-15 keeps the scale a positive float16 number up to
+    # 8 bits (2^-15 / 255 > 2^-24) and is far below any real activation range.
+    scaling_min_val = ACT_THRESHOLD_FLOOR
     int_scaling_impl = HalfRangeIntScaling
     min_val = None
     max_val = None

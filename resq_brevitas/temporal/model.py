@@ -405,6 +405,24 @@ class ResQModel(nn.Module):
         if not bool(torch.isfinite(video).all()):
             raise ValueError("video contains NaN or Inf values")
 
+    def _check_calibrated(self) -> None:
+        """An uncalibrated model runs every range at its default (1.0): warn once per model
+        (raise under ``config.strict``), unless every quantizer is disabled (the ranges then
+        play no part, e.g. inside :func:`~resq_brevitas.quantization_disabled`)."""
+        if self.calibrated or getattr(self, "_warned_uncalibrated", False):
+            return
+        if not any(getattr(layer.input_quant, "is_quant_enabled", False)
+                   for _, layer in self._layers):
+            return
+        missing = getattr(self, "uncalibrated_ranges", ())
+        message = ("the model is not calibrated: its activation ranges are defaults"
+                   + (f" (zero-range calibration left {', '.join(missing)})" if missing else "")
+                   + "; run resq_brevitas.calibrate(qm, clips) first")
+        if self.config.strict:
+            raise RuntimeError(message)
+        self._warned_uncalibrated = True
+        warnings.warn(message, stacklevel=3)
+
     # ------------------------------------------------------------------ running
     def _step_inputs(self, frame: Tensor, adaptive: bool, observer: Observer | None
                      ) -> tuple[StepInputs, Tensor, Tensor]:
@@ -521,6 +539,7 @@ class ResQModel(nn.Module):
                 The model's state is unchanged after an error.
         """
         self.check_frame(frame)
+        self._check_calibrated()
         out, record = self._run_frame(frame, True, True, None)
         self._record([record])
         return out
@@ -549,6 +568,7 @@ class ResQModel(nn.Module):
                 is unchanged after an error.
         """
         self._check_video(video)
+        self._check_calibrated()
         if self._stream.shape is not None and tuple(video[:, 0].shape) != self._stream.shape:
             raise ValueError(
                 f"video frame shape changed mid-stream: expected {self._stream.shape}, got "
@@ -576,6 +596,7 @@ class ResQModel(nn.Module):
         :attr:`batches_clips` and :attr:`max_frames_per_batch`.
         """
         self._check_video(video)
+        self._check_calibrated()
         saved = self._snapshot()
         self.reset()
         try:
