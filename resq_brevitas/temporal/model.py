@@ -740,6 +740,9 @@ class ResQModel(nn.Module):
             lines.append(f"  threshold: {self.config.threshold:g}")
         if self.config.refresh:
             lines.append(f"  refresh: {', '.join(repr(r) for r in self.config.refresh)}")
+        float_ops = getattr(self, "float_operations", ())  # set by convert
+        if float_ops:
+            lines.append(f"  weight-free ops in floating point: {', '.join(float_ops)}")
         floating = self.unsupported_layers + self.skipped_layers
         if floating:
             shown = ", ".join(floating[:4]) + (", ..." if len(floating) > 4 else "")
