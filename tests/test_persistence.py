@@ -82,6 +82,19 @@ def test_attention_model_pickles() -> None:
         torch.testing.assert_close(_round_trip(qm)(clip), qm(clip), rtol=0, atol=0)
 
 
+def test_saving_leaves_brevitas_proxy_types_exact() -> None:
+    """Brevitas's export handlers match proxy types exactly: neither the saved model nor the
+    loaded one may keep the picklable subclasses."""
+    from brevitas.proxy.quant_proxy import QuantProxyFromInjector
+
+    qm = resq.convert(make_all_layers_net())
+    before = [type(m) for m in qm.modules() if isinstance(m, QuantProxyFromInjector)]
+    loaded = _round_trip(qm)
+    assert [type(m) for m in qm.modules() if isinstance(m, QuantProxyFromInjector)] == before
+    assert [type(m) for m in loaded.modules() if isinstance(m, QuantProxyFromInjector)] == before
+    assert all(t.__module__.startswith("brevitas.") for t in before)
+
+
 def test_state_dict_round_trip_still_works() -> None:
     config = CONFIGS["static-unsigned"]
     qm = _calibrated(config)

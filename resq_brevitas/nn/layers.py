@@ -39,7 +39,7 @@ from resq_brevitas.nn.residual import (
     ResidualPath,
     build_residual_path,
 )
-from resq_brevitas.quant.quantizers import act_quant, make_picklable, weight_quant
+from resq_brevitas.quant.quantizers import act_quant, weight_quant
 
 __all__ = [
     "DEFAULT_LAYER_MAP",
@@ -177,7 +177,6 @@ class ResQLayerMixin:
             self._register_state_dict_hook(_drop_residual_weight)
             self.register_load_state_dict_pre_hook(_fill_residual_weight)
             self.register_load_state_dict_post_hook(_retie_residual_weight)
-        make_picklable(self)  # torch.save(model): Brevitas's run-time injectors do not pickle
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """Keyframe path, unless a temporal executor is attached (then it decides per row)."""

@@ -12,6 +12,7 @@ The injectors work on their own in plain Brevitas layers::
 
 from __future__ import annotations
 
+import copy
 import sys
 from typing import Any
 
@@ -42,6 +43,7 @@ __all__ = [
     "act_quant",
     "InjectorRecipe",
     "make_picklable",
+    "pickle_reduction",
     "make_unsigned",
     "quantize_eq1",
     "quantize_unsigned",
@@ -309,7 +311,15 @@ class _PicklableProxy:
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
         state = dict(self.__dict__)
-        state["quant_injector"] = InjectorRecipe.of(state["quant_injector"])
+        recipe = InjectorRecipe.of(state["quant_injector"])
+        # The injector binds its proxy and layer; after a deep copy (injector classes are
+        # shared by copies) those are still the original's: bind this proxy's own.
+        if "proxy_module" in recipe.attributes:
+            recipe.attributes["proxy_module"] = self
+        tracked = getattr(self, "tracked_module_list", [])
+        if "module" in recipe.attributes and tracked:
+            recipe.attributes["module"] = tracked[0]
+        state["quant_injector"] = recipe
         return _rebuild_proxy, (type(self),), state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -340,8 +350,9 @@ _PICKLABLE = {
 def make_picklable(module: nn.Module) -> list[str]:
     """Give every Brevitas quant proxy in ``module`` its picklable subclass, in place.
 
-    The subclass adds only pickling (``__reduce_ex__``/``__setstate__``); the proxy computes
-    exactly what it did. Proxies of other types are left as they are.
+    The subclass adds only pickling (``__reduce_ex__``/``__setstate__``); Brevitas's export
+    handlers, however, match proxy types exactly, so this is for a copy about to be pickled
+    (:func:`pickle_reduction`); :func:`restore_proxy_classes` undoes it.
 
     Returns:
         Names of the proxies left as they are (their type has no picklable subclass here).
@@ -351,7 +362,39 @@ def make_picklable(module: nn.Module) -> list[str]:
         target = _PICKLABLE.get(type(proxy))
         if target is not None:
             proxy.__class__ = target
-        elif type(proxy).__name__.endswith("ProxyFromInjector") and type(proxy) not in (
-                PicklableActQuantProxy, PicklableWeightQuantProxy, PicklableBiasQuantProxy):
+        elif type(proxy).__name__.endswith("ProxyFromInjector") and type(proxy) not in _ORIGINAL:
             left.append(name)
     return left
+
+
+_ORIGINAL = {picklable: original for original, picklable in _PICKLABLE.items()}
+
+
+def restore_proxy_classes(module: nn.Module) -> None:
+    """Give the proxies :func:`make_picklable` changed their Brevitas classes back."""
+    for proxy in module.modules():
+        original = _ORIGINAL.get(type(proxy))
+        if original is not None:
+            proxy.__class__ = original
+
+
+#: Attribute marking a picklable copy (its own ``__reduce_ex__`` then pickles it as usual).
+PICKLE_PAYLOAD = "_resq_pickle_payload"
+
+
+def pickle_reduction(module: nn.Module) -> tuple[Any, tuple[Any, ...]]:
+    """A ``__reduce_ex__`` result for a model holding Brevitas proxies: a deep copy whose
+    proxies pickle their injectors as :class:`InjectorRecipe`; loading rebuilds the injectors
+    and gives the proxies their Brevitas classes back (the original is not touched)."""
+    payload = copy.deepcopy(module)
+    object.__setattr__(payload, PICKLE_PAYLOAD, True)
+    left = make_picklable(payload)
+    if left:
+        raise TypeError(f"these quant proxies cannot be pickled: {', '.join(left)}")
+    return _restore_payload, (payload,)
+
+
+def _restore_payload(payload: nn.Module) -> nn.Module:
+    restore_proxy_classes(payload)
+    payload.__dict__.pop(PICKLE_PAYLOAD, None)
+    return payload

@@ -30,7 +30,7 @@ from resq_brevitas.config import ResQConfig, Scheme
 from resq_brevitas.nn.cost import CostReport, CostTally
 from resq_brevitas.nn.layers import DEFAULT_LAYER_MAP, ResQLayerMixin, is_resq_layer
 from resq_brevitas.policy.base import StreamStatus, build_policy, build_refresh
-from resq_brevitas.quant.quantizers import make_unsigned
+from resq_brevitas.quant.quantizers import PICKLE_PAYLOAD, make_unsigned, pickle_reduction
 from resq_brevitas.temporal.clip import ClipExecutor, ClipLayout, NotBatchable, plan_clip
 from resq_brevitas.temporal.context import (
     FrameContext,
@@ -362,6 +362,22 @@ class ResQModel(nn.Module):
             differ = sorted(k for k in saved if saved.get(k) != self.config.to_dict().get(k))
             warnings.warn(f"the loaded state was saved from a model built with another config "
                           f"(fields {differ} differ); the model keeps its own", stacklevel=2)
+
+    # ------------------------------------------------------------------ persistence
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """``torch.save(qm)``: Brevitas's run-time injector classes do not pickle; a copy whose
+        proxies store them as recipes does (:func:`~resq_brevitas.quant.quantizers.
+        pickle_reduction`)."""
+        if self.__dict__.get(PICKLE_PAYLOAD, False):
+            return super().__reduce_ex__(protocol)
+        return pickle_reduction(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ResQModel:
+        # The default deep copy (it would otherwise go through __reduce_ex__ above).
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return new
 
     # ------------------------------------------------------------------ validation
     def _param_dtype_device(self) -> tuple[torch.dtype, torch.device]:
