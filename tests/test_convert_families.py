@@ -256,6 +256,8 @@ def test_vit_block_converts_every_projection_and_keeps_bare_parameters() -> None
     qm = _check(net, make_clip(batch=2, frames=5, size=16, seed=1))
     assert set(qm.last_cost.macs) == set(names)
     assert qm.last_cost.macs["attn.q_proj"] == 17 * 16 * 16  # tokens x in x out per frame
+    assert qm.last_cost.float_operations == strict.float_operations
+    assert "not counted (floating point): attn: attention matmuls" in qm.last_cost.table()
 
 
 def test_windowed_attention_calling_its_children_streams_with_window_rows() -> None:

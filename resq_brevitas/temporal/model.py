@@ -534,7 +534,8 @@ class ResQModel(nn.Module):
         tally = CostTally(self.notation)
         for record in records:
             tally.add_clip(record.outputs.costs, record.batch, record.frames, record.key)
-        self.last_cost = replace(tally.report(), rrm=self.config.reference == "previous")
+        self.last_cost = replace(tally.report(), rrm=self.config.reference == "previous",
+                                 float_operations=tuple(getattr(self, "float_operations", ())))
         self.last_keyframes = torch.cat([r.key for r in records], 1)
         forced = [r.outputs.forced.view(r.batch, r.frames) for r in records]
         self.last_refreshes = torch.cat(forced, 1)
