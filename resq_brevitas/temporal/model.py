@@ -421,7 +421,7 @@ class ResQModel(nn.Module):
         if not bool(torch.isfinite(video).all()):
             raise ValueError("video contains NaN or Inf values")
 
-    def _check_calibrated(self) -> None:
+    def _check_calibrated(self, stacklevel: int = 3) -> None:
         """An uncalibrated model runs every range at its default (1.0): warn once per model
         (raise under ``config.strict``), unless every quantizer is disabled (the ranges then
         play no part, e.g. inside :func:`~resq_brevitas.quantization_disabled`)."""
@@ -437,7 +437,7 @@ class ResQModel(nn.Module):
         if self.config.strict:
             raise RuntimeError(message)
         self._warned_uncalibrated = True
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(message, stacklevel=stacklevel)
 
     # ------------------------------------------------------------------ running
     def _step_inputs(self, frame: Tensor, adaptive: bool, observer: Observer | None
@@ -613,7 +613,7 @@ class ResQModel(nn.Module):
         :attr:`batches_clips` and :attr:`max_frames_per_batch`.
         """
         self._check_video(video)
-        self._check_calibrated()
+        self._check_calibrated(stacklevel=5)  # through nn.Module.__call__ to the caller
         saved = self._snapshot()
         self.reset()
         try:
