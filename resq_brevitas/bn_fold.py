@@ -21,10 +21,17 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from resq_brevitas.nn.layers import DEFAULT_LAYER_MAP, is_resq_layer
+from resq_brevitas.nn.layers import (
+    DEFAULT_LAYER_MAP,
+    is_resq_layer,
+    overridden_members,
+    resq_class_for,
+    resq_layer_class_of,
+)
 
-__all__ = ["BN_TYPES", "LayerMap", "conv_bn_pairs_fx", "conv_bn_pairs_eager",
-           "fold_batch_norms", "warn_unfolded"]
+__all__ = ["BN_TYPES", "LayerMap", "LayerMapTracer", "conv_bn_pairs_fx", "conv_bn_pairs_eager",
+           "fold_batch_norms", "is_plain_batch_norm", "kept_batch_norm_subclasses",
+           "warn_unfolded"]
 
 #: ``float class -> ResQ class``, as :data:`resq_brevitas.nn.DEFAULT_LAYER_MAP`.
 LayerMap = Mapping[type[nn.Module], type[nn.Module]]
@@ -38,9 +45,40 @@ _METADATA_FUNCS = frozenset(
 
 def _resq_class(module: nn.Module, layer_map: LayerMap) -> type[nn.Module] | None:
     """The ResQ class that defines ``module``'s axes (itself for a ResQ layer), else ``None``."""
-    if is_resq_layer(module):
-        return type(module)
-    return layer_map.get(type(module))
+    return resq_layer_class_of(module, layer_map)
+
+
+def is_plain_batch_norm(module: nn.Module) -> bool:
+    """Whether ``module`` computes exactly a BatchNorm: one of :data:`BN_TYPES` or a subclass
+    that changes nothing but ``__init__``. A subclass with its own ``forward`` (timm's
+    ``BatchNormAct2d``: BN then an activation) does more, and folding it would drop that."""
+    base = next((b for b in type(module).__mro__ if b in BN_TYPES), None)
+    return base is not None and not overridden_members(type(module), base)
+
+
+def kept_batch_norm_subclasses(model: nn.Module) -> list[str]:
+    """``"name (Type)"`` of the BatchNorm subclasses that are not plain BatchNorms: they are
+    never folded and stay in floating point as written."""
+    return [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
+            if isinstance(m, BN_TYPES) and not is_plain_batch_norm(m)]
+
+
+class LayerMapTracer(torch.fx.Tracer):
+    """``torch.fx`` tracer whose leaves are torch's own modules, every supported module (a
+    layer map key or a subclass of one that changes only ``__init__``, such as torchvision's
+    ``Conv3DSimple``; ResQ layers) and every plain BatchNorm subclass."""
+
+    def __init__(self, layer_map: LayerMap = DEFAULT_LAYER_MAP) -> None:
+        super().__init__()
+        self.layer_map = layer_map
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (resq_class_for(m, self.layer_map) is not None or is_resq_layer(m)
+                or is_plain_batch_norm(m) or super().is_leaf_module(m, module_qualified_name))
+
+
+def _is_bn(module: nn.Module | None) -> bool:
+    return module is not None and is_plain_batch_norm(module)
 
 
 def conv_bn_pairs_fx(model: nn.Module, layer_map: LayerMap = DEFAULT_LAYER_MAP
@@ -50,7 +88,7 @@ def conv_bn_pairs_fx(model: nn.Module, layer_map: LayerMap = DEFAULT_LAYER_MAP
     Raises:
         Exception: Whatever ``torch.fx.symbolic_trace`` raises on untraceable code.
     """
-    graph = torch.fx.symbolic_trace(model).graph
+    graph = LayerMapTracer(layer_map).trace(model)
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -58,7 +96,7 @@ def conv_bn_pairs_fx(model: nn.Module, layer_map: LayerMap = DEFAULT_LAYER_MAP
     modules = dict(model.named_modules())
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), BN_TYPES):
+        if node.op != "call_module" or not _is_bn(modules.get(node.target)):
             continue
         producer = node.args[0]
         if not (isinstance(producer, torch.fx.Node) and producer.op == "call_module"):
@@ -82,7 +120,7 @@ def conv_bn_pairs_eager(model: nn.Module, example: Any,
     modules = dict(model.named_modules())
     producers = {name for name, m in modules.items() if _resq_class(m, layer_map) is not None}
     leaves = {name for name, m in modules.items()
-              if name in producers or isinstance(m, BN_TYPES)
+              if name in producers or is_plain_batch_norm(m)
               or not any(True for _ in m.children())}
     counter = itertools.count()
     stack: list[str] = []
@@ -103,7 +141,7 @@ def conv_bn_pairs_eager(model: nn.Module, example: Any,
             calls[name] = calls.get(name, 0) + 1
             if not stack:
                 consume(args, (name, next(counter)))
-                if isinstance(module, BN_TYPES):
+                if is_plain_batch_norm(module):
                     bn_inputs.setdefault(name, []).append(id(args[0]))
             stack.append(name)
         return hook
@@ -194,6 +232,6 @@ def fold_batch_norms(model: nn.Module, example: Any = None,
 
 def warn_unfolded(model: nn.Module, reason: str) -> None:
     """Warn that BatchNorm layers stay in floating point."""
-    names = [n for n, m in model.named_modules() if isinstance(m, BN_TYPES)]
+    names = [n for n, m in model.named_modules() if is_plain_batch_norm(m)]
     if names:
         warnings.warn(f"BatchNorm layers {names} stay in floating point: {reason}", stacklevel=3)

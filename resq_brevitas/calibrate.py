@@ -254,6 +254,7 @@ def calibrate(qm: ResQModel, clips: Iterable[Any], *, samples: int | None = None
             weight, qweight = weights[key]
             searches[key].accumulate(x, layers[name].linear_op, weight, qweight)
 
+    uncalibrated: tuple[str, ...] = ()
     modes = [(m, m.training) for m in qm.modules()]  # restored one by one: modes may be mixed
     qm.eval()
     try:
@@ -272,9 +273,17 @@ def calibrate(qm: ResQModel, clips: Iterable[Any], *, samples: int | None = None
                     f"calibration clips never reached these layer inputs: {', '.join(unseen)}; "
                     "residual quantizers need clips of at least 2 frames"
                 )
+            zero = [key for key, search in searches.items() if _zero_range(search)]
             for key, search in searches.items():
                 threshold, _, _ = search.result()
-                set_act_threshold(targets[key].proxy, threshold)
+                if key not in zero:
+                    set_act_threshold(targets[key].proxy, threshold)
+            uncalibrated = tuple(_range_key(*key) for key in zero)
+            if uncalibrated:
+                warnings.warn(
+                    "calibration clips gave these quantizer inputs a range of exactly zero (are "
+                    "the clips all-zero or constant?); they keep their previous range and the "
+                    f"model stays marked uncalibrated: {', '.join(uncalibrated)}", stacklevel=2)
         if fit_refresh:
             for trigger in fits:
                 trigger.fit(qm, iter_clip_frames(qm, clips, settings.samples),
@@ -283,8 +292,17 @@ def calibrate(qm: ResQModel, clips: Iterable[Any], *, samples: int | None = None
         for module, mode in modes:
             module.training = mode
         qm.reset()
-    qm.calibrated = True
+    #: ``"layer/path/slot"`` of the quantizers the last calibration could not set (their
+    #: inputs' range was exactly zero).
+    qm.uncalibrated_ranges = uncalibrated if searches else ()
+    qm.calibrated = not qm.uncalibrated_ranges
     return qm
+
+
+def _zero_range(search: StreamingLineSearch) -> bool:
+    """Whether every input the search saw was exactly zero (after pass 1, all-reduced)."""
+    search.thresholds()
+    return search.global_min == 0.0 and search.global_max == 0.0
 
 
 def _unsigned_where_non_negative(qm: ResQModel, targets: dict[tuple[str, str, int], Any],

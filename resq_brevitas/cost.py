@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from resq_brevitas.checks import check_period
 from resq_brevitas.config import Scheme
 from resq_brevitas.nn.cost import CostReport, CostTally, LayerCost, precision_bops
-from resq_brevitas.nn.layers import DEFAULT_LAYER_MAP, is_resq_layer
+from resq_brevitas.nn.layers import DEFAULT_LAYER_MAP, resq_layer_class_of
 from resq_brevitas.temporal.model import ResQModel
 
 __all__ = ["count_bops", "count_macs"]
@@ -43,7 +43,7 @@ def count_macs(model: nn.Module, input_shape: Sequence[int],
     macs: dict[str, int] = {}
     handles = []
     for name, module in net.named_modules():
-        resq_class = type(module) if is_resq_layer(module) else layer_map.get(type(module))
+        resq_class = resq_layer_class_of(module, layer_map)  # one linear op (not attention)
         if resq_class is None:
             continue
 

@@ -28,7 +28,7 @@ from resq_brevitas.checks import check_frame, check_period
 from resq_brevitas.config import ResQConfig
 from resq_brevitas.deploy.manifest import Manifest
 from resq_brevitas.deploy.tracer import trace_graph
-from resq_brevitas.nn.layers import DEFAULT_LAYER_MAP
+from resq_brevitas.nn.layers import DEFAULT_LAYER_MAP, resq_layer_class_of
 from resq_brevitas.nn.residual import Sent
 from resq_brevitas.temporal.step import Reference, ResidualMode, residual_step
 
@@ -165,7 +165,8 @@ def unroll(model: nn.Module, period: ResQConfig | int, example: Tensor, *, fold_
     modules = dict(net.named_modules())
     sites: list[str] = []
     for node in source.nodes:
-        if node.op == "call_module" and type(modules.get(node.target)) in layer_map:
+        if (node.op == "call_module" and node.target in modules
+                and resq_layer_class_of(modules[node.target], layer_map) is not None):
             if node.target in sites:
                 raise ValueError(
                     f"layer {node.target!r} is called more than once per frame; unroll needs one "

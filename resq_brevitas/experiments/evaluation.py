@@ -25,7 +25,7 @@ from resq_brevitas.config import LineSearch, ResQConfig, Scheme
 from resq_brevitas.convert import convert
 from resq_brevitas.cost import count_bops
 from resq_brevitas.experiments.metrics import miou
-from resq_brevitas.nn.layers import DEFAULT_LAYER_MAP
+from resq_brevitas.nn.layers import DEFAULT_LAYER_MAP, resq_layer_class_of
 from resq_brevitas.policy.base import build_refresh
 from resq_brevitas.quant.quantizers import quantize_eq1, scale_eq6
 from resq_brevitas.temporal.model import ResQModel
@@ -537,7 +537,8 @@ def layer_statistics(float_model: nn.Module, clips: Sequence[Tensor], bits: int 
     """
     if bits < 2:
         raise ValueError(f"bits must be >= 2, got {bits}")
-    modules = {n: m for n, m in float_model.named_modules() if type(m) in DEFAULT_LAYER_MAP}
+    modules = {n: m for n, m in float_model.named_modules()
+               if resq_layer_class_of(m, DEFAULT_LAYER_MAP) is not None}
     if layers is not None:
         missing = sorted(set(layers) - set(modules))
         if missing:

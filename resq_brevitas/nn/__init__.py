@@ -1,6 +1,7 @@
 """ResQ layers (Brevitas keyframe layers with a weight-sharing residual path), residual paths and
 the BOPs records they produce."""
 
+from resq_brevitas.nn.attention import ResQAttentionBase
 from resq_brevitas.nn.cost import CostReport, CostTally, LayerCost, precision_bops
 from resq_brevitas.nn.layers import (
     DEFAULT_LAYER_MAP,
@@ -10,12 +11,19 @@ from resq_brevitas.nn.layers import (
     ResQConvTranspose2d,
     ResQLayerMixin,
     ResQLinear,
+    ResQModule,
+    ResQMultiheadAttention,
     TemporalExecutor,
     conv_macs,
     conv_transpose_macs,
+    is_resq_class,
     is_resq_layer,
+    layer_map_entry,
     linear_macs,
+    overridden_members,
+    resq_class_for,
     resq_layer_class,
+    resq_layer_class_of,
 )
 from resq_brevitas.nn.residual import (
     CalibrationTarget,
@@ -32,6 +40,7 @@ from resq_brevitas.nn.residual import (
 __all__ = [
     "DEFAULT_LAYER_MAP",
     "CalibrationTarget",
+    "ResQAttentionBase",
     "CostReport",
     "CostTally",
     "LayerCost",
@@ -43,6 +52,8 @@ __all__ = [
     "ResQConvTranspose2d",
     "ResQLayerMixin",
     "ResQLinear",
+    "ResQModule",
+    "ResQMultiheadAttention",
     "ResidualPath",
     "Sent",
     "StaticResidual",
@@ -51,7 +62,12 @@ __all__ = [
     "build_residual_path",
     "conv_macs",
     "conv_transpose_macs",
+    "is_resq_class",
     "is_resq_layer",
+    "layer_map_entry",
+    "overridden_members",
+    "resq_class_for",
+    "resq_layer_class_of",
     "linear_macs",
     "mix_pool",
     "precision_bops",

@@ -114,6 +114,8 @@ class CostReport:
             dense, residual rows times their density, policy work added).
         rrm: Whether the call ran in RRM mode (``reference="previous"``); :meth:`table` shows
             RRM's speedup only then. ``None`` (not said): shown whenever it was measured.
+        float_operations: ``"module: what"`` of the weight-free operations that ran in
+            floating point and are not counted in BOPs (attention matmuls).
     """
 
     notation: str
@@ -128,6 +130,7 @@ class CostReport:
     speedup: float = math.nan
     per_frame_sparse: list[float] = field(default_factory=list)
     rrm: bool | None = None
+    float_operations: tuple[str, ...] = ()
 
     @property
     def mean_bops(self) -> float:
@@ -179,6 +182,7 @@ class CostReport:
                 density = self.density.get(name, math.nan)
                 line += f"  {bits:>8.2f}  {density:>7.1%}"
             lines.append(line)
+        lines.extend(f"not counted (floating point): {op}" for op in self.float_operations)
         return "\n".join(lines)
 
     def __str__(self) -> str:

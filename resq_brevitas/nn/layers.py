@@ -26,9 +26,12 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 import brevitas.nn as qnn
+import torch
+from brevitas.graph.utils import signature_keys
 from torch import Tensor, nn
 
 from resq_brevitas.config import Precision
+from resq_brevitas.nn.attention import ResQAttentionBase
 from resq_brevitas.nn.cost import precision_bops
 from resq_brevitas.nn.residual import (
     CalibrationTarget,
@@ -40,6 +43,8 @@ from resq_brevitas.quant.quantizers import act_quant, weight_quant
 
 __all__ = [
     "DEFAULT_LAYER_MAP",
+    "ResQModule",
+    "ResQMultiheadAttention",
     "ResQConv1d",
     "ResQConv2d",
     "ResQConv3d",
@@ -49,10 +54,34 @@ __all__ = [
     "TemporalExecutor",
     "conv_macs",
     "conv_transpose_macs",
+    "is_resq_class",
     "is_resq_layer",
+    "layer_map_entry",
+    "resq_layer_class_of",
     "linear_macs",
+    "overridden_members",
+    "resq_class_for",
     "resq_layer_class",
 ]
+
+# Keyword arguments of a Brevitas layer that ResQ sets itself (never copied from a float layer).
+_QUANT_KWARGS = frozenset({"device", "dtype", "weight_quant", "input_quant", "bias_quant",
+                           "output_quant", "return_quant_tensor"})
+
+
+class ResQModule(Protocol):
+    """What a layer map's value is: a class that builds the ResQ replacement of a float module.
+
+    ResQ layer classes (:class:`ResQLayerMixin`) are one kind; modules made of several ResQ
+    layers (:class:`~resq_brevitas.nn.attention.ResQMultiheadAttention`) are another.
+    """
+
+    @classmethod
+    def from_float(cls, module: nn.Module, name: str | None = None, *,
+                   keyframe: Precision | str, residual: Precision | str | None,
+                   weight_granularity: str = "tensor",
+                   policy: PrecisionPolicy | None = None) -> nn.Module:
+        """The ResQ module computing what ``module`` computes, with its weights."""
 
 
 class TemporalExecutor(Protocol):
@@ -102,6 +131,37 @@ class ResQLayerMixin:
     weight: nn.Parameter
     keyframe_precision: Precision
     residual_precision: Precision | None
+
+    @classmethod
+    def from_float(cls, module: nn.Module, name: str | None = None, *,
+                   keyframe: Precision | str = "W8A8", residual: Precision | str | None = "W4A4",
+                   weight_granularity: str = "tensor",
+                   policy: PrecisionPolicy | None = None) -> nn.Module:
+        """The ResQ layer of a float layer (same hyper-parameters, weight and bias copied).
+
+        The layer is built on the float weight's device and dtype; only the float tensors are
+        copied (a ResQ layer has quantizer parameters a float layer lacks).
+
+        Raises:
+            ValueError: If the float layer has state other than ``weight`` and ``bias``.
+        """
+        attrs = dict(vars(module))
+        attrs["bias"] = getattr(module, "bias", None) is not None  # not in vars() of Linear
+        allowed = set(signature_keys(cls.brevitas_class)) - _QUANT_KWARGS
+        kwargs = {k: v for k, v in attrs.items() if k in allowed}
+        new = cls(keyframe=keyframe, residual=residual, weight_granularity=weight_granularity,
+                  policy=policy, **kwargs)
+        new.to(device=module.weight.device, dtype=module.weight.dtype)
+        float_state = module.state_dict()
+        unknown = set(float_state) - {"weight", "bias"}
+        if unknown:
+            raise ValueError(f"layer {name!r} has state {sorted(unknown)} that ResQ cannot carry")
+        with torch.no_grad():
+            new.weight.copy_(float_state["weight"])
+            if "bias" in float_state:
+                new.bias.copy_(float_state["bias"])
+        new.train(module.training)
+        return new
 
     def _init_resq(self, keyframe: Precision, residual: Precision | None,
                    weight_granularity: str, layer_kwargs: dict[str, Any],
@@ -291,18 +351,81 @@ ResQConvTranspose2d = resq_layer_class("ResQConvTranspose2d", qnn.QuantConvTrans
 ResQLinear = resq_layer_class("ResQLinear", qnn.QuantLinear, nn.Linear, linear_macs,
                               channel_dim=-1)
 
-#: Float torch class -> ResQ class, the default layer map of :func:`resq_brevitas.convert`.
-#: Exact classes only (a subclass may override ``forward``); extend it with ``{**DEFAULT_LAYER_MAP,
-#: MyConv: ResQConv2d}``.
+class ResQMultiheadAttention(ResQAttentionBase):
+    """``nn.MultiheadAttention`` with ``ResQLinear`` q/k/v/out projections (each with its own
+    temporal state) and the attention matmuls in floating point; see
+    :class:`~resq_brevitas.nn.attention.ResQAttentionBase`."""
+
+    projection_class = ResQLinear
+
+
+#: Float torch class -> ResQ class (a :class:`ResQModule`), the default layer map of
+#: :func:`resq_brevitas.convert`. Subclasses of a key are converted when they only change
+#: ``__init__`` (:func:`resq_class_for`); extend it with
+#: ``{**DEFAULT_LAYER_MAP, MyConv: ResQConv2d}``.
 DEFAULT_LAYER_MAP: Mapping[type[nn.Module], type[nn.Module]] = MappingProxyType({
     nn.Conv1d: ResQConv1d,
     nn.Conv2d: ResQConv2d,
     nn.Conv3d: ResQConv3d,
     nn.ConvTranspose2d: ResQConvTranspose2d,
     nn.Linear: ResQLinear,
+    nn.MultiheadAttention: ResQMultiheadAttention,
 })
 
 
 def is_resq_layer(module: nn.Module) -> bool:
     """Whether ``module`` is a ResQ layer."""
     return isinstance(module, ResQLayerMixin)
+
+
+def is_resq_class(cls: object) -> bool:
+    """Whether ``cls`` can be a layer map's value (a :class:`ResQModule`)."""
+    return isinstance(cls, type) and callable(getattr(cls, "from_float", None))
+
+
+# Class members a subclass may redefine without changing what the base's forward computes.
+_HARMLESS_MEMBERS = frozenset({
+    "__init__", "__doc__", "__module__", "__qualname__", "__dict__", "__weakref__",
+    "__annotations__", "__firstlineno__", "__static_attributes__", "__parameters__",
+    "__orig_bases__", "__constants__", "__repr__", "extra_repr", "_version",
+})
+
+
+def overridden_members(cls: type, base: type) -> list[str]:
+    """Members of ``base`` that ``cls`` (or a class before ``base`` in its MRO) redefines,
+    other than ``__init__`` and metadata: empty when ``base``'s forward computes ``cls``'s."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass is base:
+            break
+        names.update(n for n in vars(klass) if n not in _HARMLESS_MEMBERS and hasattr(base, n))
+    return sorted(names)
+
+
+def layer_map_entry(module_type: type, layer_map: Mapping[type, type]
+                    ) -> tuple[type, list[str]] | None:
+    """The key of ``layer_map`` that ``module_type`` is or derives from (nearest first), with
+    the members of it the type overrides (``[]``: a plain subclass); ``None`` if none."""
+    for base in module_type.__mro__:
+        if base in layer_map:
+            return base, overridden_members(module_type, base)
+    return None
+
+
+def resq_class_for(module: nn.Module, layer_map: Mapping[type, type]) -> type | None:
+    """The layer map's value for ``module``: that of its exact type, or of its base for a
+    subclass that changes only ``__init__`` (torchvision's ``Conv3DSimple``); else ``None``."""
+    entry = layer_map_entry(type(module), layer_map)
+    if entry is None or entry[1]:
+        return None
+    return layer_map[entry[0]]
+
+
+def resq_layer_class_of(module: nn.Module, layer_map: Mapping[type, type]) -> type | None:
+    """The ResQ *layer* class (one linear op) for ``module``: itself for a ResQ layer, the
+    layer map's value when it is a :class:`ResQLayerMixin` class, else ``None`` (modules
+    replaced by composite ResQ modules such as attention)."""
+    if is_resq_layer(module):
+        return type(module)
+    cls = resq_class_for(module, layer_map)
+    return cls if isinstance(cls, type) and issubclass(cls, ResQLayerMixin) else None

@@ -12,10 +12,16 @@ The injectors work on their own in plain Brevitas layers::
 
 from __future__ import annotations
 
+import copy
+import sys
+from typing import Any
+
 import torch
 from brevitas.core.function_wrapper import TensorClamp
 from brevitas.core.stats import AbsMax
 from brevitas.inject.enum import RestrictValueType, ScalingImplType, ScalingPerOutputType
+from brevitas.proxy.parameter_quant import BiasQuantProxyFromInjector, WeightQuantProxyFromInjector
+from brevitas.proxy.runtime_quant import ActQuantProxyFromInjector
 from brevitas.quant.base import IntQuant, MaxStatsScaling
 from brevitas.quant.solver import ActQuantSolver, WeightQuantSolver
 from torch import Tensor, nn
@@ -24,6 +30,7 @@ from resq_brevitas.checks import check_choice
 from resq_brevitas.config import validate_bits
 
 __all__ = [
+    "ACT_THRESHOLD_FLOOR",
     "FullRangeIntScaling",
     "HalfRangeIntScaling",
     "ZeroTensorQuant",
@@ -34,11 +41,18 @@ __all__ = [
     "ResQZeroActQuant",
     "weight_quant",
     "act_quant",
+    "InjectorRecipe",
+    "make_picklable",
+    "pickle_reduction",
     "make_unsigned",
     "quantize_eq1",
     "quantize_unsigned",
     "scale_eq6",
 ]
+
+
+#: Smallest activation threshold a ResQ activation quantizer uses (see ``ResQActQuant``).
+ACT_THRESHOLD_FLOOR = 2.0**-15
 
 
 def scale_eq6(r_max: Tensor | float, r_min: Tensor | float, bits: int) -> Tensor:
@@ -167,6 +181,11 @@ class ResQActQuant(IntQuant, ActQuantSolver):
     scaling_per_output_type = ScalingPerOutputType.TENSOR
     restrict_scaling_type = RestrictValueType.FP
     scaling_init = 1.0
+    # Positive floor of the threshold (Brevitas clamps the range parameter, with a straight-
+    # through gradient): a range of exactly 0 (a state_dict, a QAT step) would make the scale 0
+    # and residual frames 0/0 = NaN. 2^-15 keeps the scale a positive float16 number up to
+    # 8 bits (2^-15 / 255 > 2^-24) and is far below any real activation range.
+    scaling_min_val = ACT_THRESHOLD_FLOOR
     int_scaling_impl = HalfRangeIntScaling
     min_val = None
     max_val = None
@@ -219,3 +238,163 @@ def act_quant(bits: int | None) -> type | None:
     if bits == 0:
         return ResQZeroActQuant
     return ResQActQuant.let(bit_width=bits)
+
+
+# ---------------------------------------------------------------------------- pickling
+# Brevitas builds a proxy's injector with ``Injector.let(...)``: a class created at run time
+# (``brevitas.inject.ResQActQuant``, one per proxy since it binds ``proxy_module``) that pickle
+# cannot find by name, so ``torch.save(model)`` fails upstream. The proxies of ResQ layers are
+# given picklable subclasses whose state stores the injector as a recipe: the nearest class
+# importable by name plus the ``let`` attributes of the run-time classes above it.
+
+
+def _importable(cls: type) -> bool:
+    module = sys.modules.get(cls.__module__)
+    return module is not None and getattr(module, cls.__qualname__, None) is cls
+
+
+class InjectorRecipe:
+    """A picklable description of a Brevitas injector class: an importable base class and the
+    attributes that run-time ``let`` calls added (outermost last)."""
+
+    def __init__(self, base: type, attributes: dict[str, Any]) -> None:
+        self.base = base
+        self.attributes = attributes
+
+    @classmethod
+    def of(cls, injector: type) -> InjectorRecipe:
+        """The recipe of ``injector``.
+
+        ``let`` leaves no trace of its keyword arguments but the resolved dependency specs
+        (``__dependencies__``): each spec a run-time class changed against its parent gives one
+        argument back (a raw value is wrapped in a spec; a class or function is the spec).
+
+        Raises:
+            TypeError: If no class of its MRO is importable by name.
+        """
+        changed: list[dict[str, Any]] = []
+        for klass, parent in zip(injector.__mro__, injector.__mro__[1:]):
+            if _importable(klass):
+                return cls(klass, _merged(changed))
+            mine = vars(klass).get("__dependencies__", {})
+            theirs = getattr(parent, "__dependencies__", {})
+            changed.append({k: _spec_value(spec) for k, spec in mine.items()
+                            if k not in theirs or theirs[k][1] is not spec[1]})
+        raise TypeError(f"injector {injector!r} has no base class importable by name")
+
+    def build(self) -> type:
+        """The injector class again (a new run-time class with the same attributes)."""
+        return self.base.let(**self.attributes) if self.attributes else self.base
+
+
+def _merged(changed: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``let`` arguments of a chain of run-time classes (outermost first): later (outer)
+    ``let`` calls win."""
+    attributes: dict[str, Any] = {}
+    for layer in reversed(changed):
+        attributes.update(layer)
+    return attributes
+
+
+def _spec_value(spec: tuple[Any, ...]) -> Any:
+    value = spec[1]
+    dependency = getattr(value, "dependency", None)  # _dependencies' _RawSpec wraps raw values
+    return dependency if type(value).__name__ == "_RawSpec" else value
+
+
+def _rebuild_proxy(cls: type) -> nn.Module:
+    return cls.__new__(cls)
+
+
+class _PicklableProxy:
+    """Mixin: pickles ``quant_injector`` as an :class:`InjectorRecipe`."""
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        state = dict(self.__dict__)
+        recipe = InjectorRecipe.of(state["quant_injector"])
+        # The injector binds its proxy and layer; after a deep copy (injector classes are
+        # shared by copies) those are still the original's: bind this proxy's own.
+        if "proxy_module" in recipe.attributes:
+            recipe.attributes["proxy_module"] = self
+        tracked = getattr(self, "tracked_module_list", [])
+        if "module" in recipe.attributes and tracked:
+            recipe.attributes["module"] = tracked[0]
+        state["quant_injector"] = recipe
+        return _rebuild_proxy, (type(self),), state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        state["quant_injector"] = state["quant_injector"].build()
+        nn.Module.__setstate__(self, state)  # type: ignore[arg-type]
+
+
+class PicklableActQuantProxy(_PicklableProxy, ActQuantProxyFromInjector):
+    """``ActQuantProxyFromInjector`` that pickles (see :func:`make_picklable`)."""
+
+
+class PicklableWeightQuantProxy(_PicklableProxy, WeightQuantProxyFromInjector):
+    """``WeightQuantProxyFromInjector`` that pickles (see :func:`make_picklable`)."""
+
+
+class PicklableBiasQuantProxy(_PicklableProxy, BiasQuantProxyFromInjector):
+    """``BiasQuantProxyFromInjector`` that pickles (see :func:`make_picklable`)."""
+
+
+_PICKLABLE = {
+    ActQuantProxyFromInjector: PicklableActQuantProxy,
+    WeightQuantProxyFromInjector: PicklableWeightQuantProxy,
+    BiasQuantProxyFromInjector: PicklableBiasQuantProxy,
+}
+
+
+def make_picklable(module: nn.Module) -> list[str]:
+    """Give every Brevitas quant proxy in ``module`` its picklable subclass, in place.
+
+    The subclass adds only pickling (``__reduce_ex__``/``__setstate__``); Brevitas's export
+    handlers, however, match proxy types exactly, so this is for a copy about to be pickled
+    (:func:`pickle_reduction`); :func:`restore_proxy_classes` undoes it.
+
+    Returns:
+        Names of the proxies left as they are (their type has no picklable subclass here).
+    """
+    left = []
+    for name, proxy in module.named_modules():
+        target = _PICKLABLE.get(type(proxy))
+        if target is not None:
+            proxy.__class__ = target
+        elif type(proxy).__name__.endswith("ProxyFromInjector") and type(proxy) not in _ORIGINAL:
+            left.append(name)
+    return left
+
+
+_ORIGINAL = {picklable: original for original, picklable in _PICKLABLE.items()}
+
+
+def restore_proxy_classes(module: nn.Module) -> None:
+    """Give the proxies :func:`make_picklable` changed their Brevitas classes back."""
+    for proxy in module.modules():
+        original = _ORIGINAL.get(type(proxy))
+        if original is not None:
+            proxy.__class__ = original
+
+
+#: Attribute marking a picklable copy (its own ``__reduce_ex__`` then pickles it as usual).
+PICKLE_PAYLOAD = "_resq_pickle_payload"
+
+
+def pickle_reduction(module: nn.Module) -> tuple[Any, tuple[Any, ...]]:
+    """A ``__reduce_ex__`` result for a model holding Brevitas proxies: a deep copy whose
+    proxies pickle their injectors as :class:`InjectorRecipe`; loading rebuilds the injectors
+    and gives the proxies their Brevitas classes back (the original is not touched)."""
+    payload = copy.deepcopy(module)
+    object.__setattr__(payload, PICKLE_PAYLOAD, True)
+    left = make_picklable(payload)
+    if left:
+        raise TypeError(f"these quant proxies cannot be pickled: {', '.join(left)}")
+    return _restore_payload, (payload,)
+
+
+def _restore_payload(payload: nn.Module) -> nn.Module:
+    restore_proxy_classes(payload)
+    payload.__dict__.pop(PICKLE_PAYLOAD, None)
+    return payload

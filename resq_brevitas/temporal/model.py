@@ -30,7 +30,7 @@ from resq_brevitas.config import ResQConfig, Scheme
 from resq_brevitas.nn.cost import CostReport, CostTally
 from resq_brevitas.nn.layers import DEFAULT_LAYER_MAP, ResQLayerMixin, is_resq_layer
 from resq_brevitas.policy.base import StreamStatus, build_policy, build_refresh
-from resq_brevitas.quant.quantizers import make_unsigned
+from resq_brevitas.quant.quantizers import PICKLE_PAYLOAD, make_unsigned, pickle_reduction
 from resq_brevitas.temporal.clip import ClipExecutor, ClipLayout, NotBatchable, plan_clip
 from resq_brevitas.temporal.context import (
     FrameContext,
@@ -363,6 +363,22 @@ class ResQModel(nn.Module):
             warnings.warn(f"the loaded state was saved from a model built with another config "
                           f"(fields {differ} differ); the model keeps its own", stacklevel=2)
 
+    # ------------------------------------------------------------------ persistence
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """``torch.save(qm)``: Brevitas's run-time injector classes do not pickle; a copy whose
+        proxies store them as recipes does (:func:`~resq_brevitas.quant.quantizers.
+        pickle_reduction`)."""
+        if self.__dict__.get(PICKLE_PAYLOAD, False):
+            return super().__reduce_ex__(protocol)
+        return pickle_reduction(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ResQModel:
+        # The default deep copy (it would otherwise go through __reduce_ex__ above).
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return new
+
     # ------------------------------------------------------------------ validation
     def _param_dtype_device(self) -> tuple[torch.dtype, torch.device]:
         weight = self._layers[0][1].weight
@@ -404,6 +420,24 @@ class ResQModel(nn.Module):
         self._check_dtype_device(video, "video")
         if not bool(torch.isfinite(video).all()):
             raise ValueError("video contains NaN or Inf values")
+
+    def _check_calibrated(self, stacklevel: int = 3) -> None:
+        """An uncalibrated model runs every range at its default (1.0): warn once per model
+        (raise under ``config.strict``), unless every quantizer is disabled (the ranges then
+        play no part, e.g. inside :func:`~resq_brevitas.quantization_disabled`)."""
+        if self.calibrated or getattr(self, "_warned_uncalibrated", False):
+            return
+        if not any(getattr(layer.input_quant, "is_quant_enabled", False)
+                   for _, layer in self._layers):
+            return
+        missing = getattr(self, "uncalibrated_ranges", ())
+        message = ("the model is not calibrated: its activation ranges are defaults"
+                   + (f" (zero-range calibration left {', '.join(missing)})" if missing else "")
+                   + "; run resq_brevitas.calibrate(qm, clips) first")
+        if self.config.strict:
+            raise RuntimeError(message)
+        self._warned_uncalibrated = True
+        warnings.warn(message, stacklevel=stacklevel)
 
     # ------------------------------------------------------------------ running
     def _step_inputs(self, frame: Tensor, adaptive: bool, observer: Observer | None
@@ -500,7 +534,8 @@ class ResQModel(nn.Module):
         tally = CostTally(self.notation)
         for record in records:
             tally.add_clip(record.outputs.costs, record.batch, record.frames, record.key)
-        self.last_cost = replace(tally.report(), rrm=self.config.reference == "previous")
+        self.last_cost = replace(tally.report(), rrm=self.config.reference == "previous",
+                                 float_operations=tuple(getattr(self, "float_operations", ())))
         self.last_keyframes = torch.cat([r.key for r in records], 1)
         forced = [r.outputs.forced.view(r.batch, r.frames) for r in records]
         self.last_refreshes = torch.cat(forced, 1)
@@ -521,6 +556,7 @@ class ResQModel(nn.Module):
                 The model's state is unchanged after an error.
         """
         self.check_frame(frame)
+        self._check_calibrated()
         out, record = self._run_frame(frame, True, True, None)
         self._record([record])
         return out
@@ -549,6 +585,7 @@ class ResQModel(nn.Module):
                 is unchanged after an error.
         """
         self._check_video(video)
+        self._check_calibrated()
         if self._stream.shape is not None and tuple(video[:, 0].shape) != self._stream.shape:
             raise ValueError(
                 f"video frame shape changed mid-stream: expected {self._stream.shape}, got "
@@ -576,6 +613,7 @@ class ResQModel(nn.Module):
         :attr:`batches_clips` and :attr:`max_frames_per_batch`.
         """
         self._check_video(video)
+        self._check_calibrated(stacklevel=5)  # through nn.Module.__call__ to the caller
         saved = self._snapshot()
         self.reset()
         try:
@@ -719,6 +757,9 @@ class ResQModel(nn.Module):
             lines.append(f"  threshold: {self.config.threshold:g}")
         if self.config.refresh:
             lines.append(f"  refresh: {', '.join(repr(r) for r in self.config.refresh)}")
+        float_ops = getattr(self, "float_operations", ())  # set by convert
+        if float_ops:
+            lines.append(f"  weight-free ops in floating point: {', '.join(float_ops)}")
         floating = self.unsupported_layers + self.skipped_layers
         if floating:
             shown = ", ".join(floating[:4]) + (", ..." if len(floating) > 4 else "")
