@@ -40,7 +40,7 @@ from resq_brevitas.quant.line_search import (
     set_act_threshold,
 )
 from resq_brevitas.temporal.context import Observer
-from resq_brevitas.temporal.inputs import ClipInputs, FrameInputs, input_arity
+from resq_brevitas.temporal.inputs import ClipInputs, input_arity
 from resq_brevitas.temporal.model import ResQModel
 
 __all__ = [
@@ -128,13 +128,14 @@ def _as_batched_clip(qm: ResQModel, clip: object, index: int) -> object:
 
 
 def iter_clip_frames(qm: ResQModel, clips: Iterable[Any], samples: int
-                     ) -> Iterator[tuple[bool, FrameInputs]]:
+                     ) -> Iterator[tuple[bool, Any]]:
     """Yield ``(starts_clip, frame)`` until ``samples`` frames (counted per batch row) were seen.
 
-    Every clip is validated against the model (rank, channels, dtype, device, finite values)
-    before its first frame is yielded. Clips holding fewer than ``samples`` frames are used
-    whole, with a warning (Python shows it once per session; every pass over the clips issues
-    it).
+    Frames come as the model takes them (a tensor ``[B, ...]``, or a tuple/dict of them for a
+    model with several inputs). Every clip is validated against the model (rank, channels,
+    dtype, device, finite values) before its first frame is yielded. Clips holding fewer than
+    ``samples`` frames are used whole, with a warning (Python shows it once per session; every
+    pass over the clips issues it).
     """
     seen = 0
     for index, raw in enumerate(clips):
@@ -142,9 +143,8 @@ def iter_clip_frames(qm: ResQModel, clips: Iterable[Any], samples: int
         for t in range(clip.frames):
             if seen >= samples:
                 return
-            frame = clip.frame(t)
-            yield t == 0, frame
-            seen += frame.batch
+            yield t == 0, clip.frame(t).value
+            seen += clip.batch
     _check_seen(seen, samples)
 
 
@@ -186,7 +186,7 @@ def _run_pass(qm: ResQModel, clips: Iterable[Any], samples: int, observer: Obser
 
 
 def _fold_on_first_frame(qm: ResQModel, clips: Iterable[Any]) -> None:
-    first = next(iter_clip_frames(qm, clips, 1))[1].value
+    first = next(iter_clip_frames(qm, clips, 1))[1]
     try:
         with quantization_disabled(qm):
             folded = fold_batch_norms(qm.model, first, layer_map=qm.layer_map)

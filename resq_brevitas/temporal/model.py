@@ -415,9 +415,10 @@ class ResQModel(nn.Module):
         weight = self._layers[0][1].weight
         return weight.dtype, weight.device
 
-    def check_frame(self, frame: Any, name: str = "frame") -> FrameInputs:
+    def check_frame(self, frame: Any, name: str = "frame", stream: bool = True) -> FrameInputs:
         """Validate a frame (a tensor ``[B, ...]``, or a tuple/dict of them for a model with
-        several inputs) against the model and the running stream, before any layer runs.
+        several inputs) against the model and (``stream``) the running stream, before any layer
+        runs.
 
         Returns:
             The validated frame.
@@ -430,7 +431,7 @@ class ResQModel(nn.Module):
         """
         dtype, device = self._param_dtype_device()
         return check_frame_inputs(frame, name, self.expected_inputs, dtype, device,
-                                  self._stream.shape)
+                                  self._stream.shape if stream else None)
 
     def check_video(self, video: Any, name: str = "video", stream: bool = False
                     ) -> ClipInputs:
