@@ -40,7 +40,12 @@ from resq_brevitas.quant.line_search import (
     set_act_threshold,
 )
 from resq_brevitas.temporal.context import Observer
-from resq_brevitas.temporal.inputs import ClipInputs, input_arity
+from resq_brevitas.temporal.inputs import (
+    ClipInputs,
+    check_signature,
+    input_arity,
+    model_signature,
+)
 from resq_brevitas.temporal.model import ResQModel
 
 __all__ = [
@@ -95,6 +100,11 @@ def _as_batched_clip(qm: ResQModel, clip: object, index: int) -> object:
     else:
         raise TypeError(f"{name} must be a torch.Tensor (or a tuple/dict of them, one per model "
                         f"input), got {type(clip).__name__}")
+    kind = "tensor" if isinstance(clip, Tensor) else "kwargs" if isinstance(clip, Mapping) \
+        else "args"
+    # missing, extra or misnamed inputs first: their ranks cannot be read off the model
+    check_signature(model_signature(qm.model), ClipInputs(kind, tuple(keys), tuple(leaves)),
+                    name)
     specs = qm.expected_inputs
     batched = set()
     for key, leaf in zip(keys, leaves):

@@ -40,8 +40,10 @@ __all__ = [
     "InputSpec",
     "check_clip_inputs",
     "check_frame_inputs",
+    "check_signature",
     "expected_inputs",
     "input_arity",
+    "model_signature",
 ]
 
 #: A leaf's key: ``None`` for a single tensor, an int (position) or a str (keyword).
@@ -170,6 +172,32 @@ def input_arity(model: nn.Module) -> int | None:
     return sum(1 for p in params if p.default is inspect.Parameter.empty
                and p.kind in (inspect.Parameter.POSITIONAL_ONLY,
                               inspect.Parameter.POSITIONAL_OR_KEYWORD))
+
+
+def model_signature(model: nn.Module) -> inspect.Signature | None:
+    """``model.forward``'s signature (``None`` when Python cannot read it)."""
+    try:
+        return inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+
+
+def check_signature(signature: inspect.Signature | None, inputs: _Inputs, name: str) -> None:
+    """Raise a ``TypeError`` naming ``name`` if the inputs do not bind to ``forward`` (a
+    missing, extra or misnamed input), before the model runs."""
+    if signature is None:
+        return
+    try:
+        if inputs.kind == "kwargs":
+            signature.bind(**{str(k): None for k in inputs.keys})
+        else:
+            signature.bind(*([None] * len(inputs.leaves)))
+    except TypeError as err:
+        given = ("1 tensor" if inputs.kind == "tensor" else
+                 f"{len(inputs.leaves)} positional inputs" if inputs.kind == "args" else
+                 f"keyword inputs {list(inputs.keys)}")
+        raise TypeError(f"{name} ({given}) does not fit the model's forward{signature}: "
+                        f"{err}") from None
 
 
 def _leaf_name(name: str, key: Key) -> str:
@@ -311,7 +339,8 @@ def _check_finite(leaves: tuple[Tensor, ...], keys: tuple[Key, ...], name: str) 
 
 def check_frame_inputs(value: Any, name: str, specs: Mapping[Key, InputSpec] | None,
                        dtype: torch.dtype, device: torch.device,
-                       stream: tuple[Any, ...] | None = None) -> FrameInputs:
+                       stream: tuple[Any, ...] | None = None,
+                       signature: inspect.Signature | None = None) -> FrameInputs:
     """Validate a frame (a tensor or a tuple/dict of tensors ``[B, ...]``) before any layer.
 
     Args:
@@ -321,15 +350,17 @@ def check_frame_inputs(value: Any, name: str, specs: Mapping[Key, InputSpec] | N
         dtype: The model's dtype.
         device: The model's device.
         stream: The running stream's :attr:`FrameInputs.signature`, if any.
+        signature: The model's ``forward`` signature: missing, extra or misnamed inputs.
 
     Raises:
         TypeError: Not a tensor (or tuple/dict of them), not floating point, another dtype or
-            device than the model's.
+            device than the model's, inputs that do not bind to ``forward``.
         ValueError: Wrong rank or channels, empty, a shape or structure change mid-stream, NaN
             or Inf.
     """
     kind, keys, leaves = _check_leaves(value, name, specs, dtype, device, time_dim=False)
     frame = FrameInputs(kind, keys, leaves)
+    check_signature(signature, frame, name)
     _check_stream(frame, name, stream)
     _check_finite(leaves, keys, name)
     return frame
@@ -346,13 +377,15 @@ def _check_stream(frame: FrameInputs, name: str, stream: tuple[Any, ...] | None)
 
 def check_clip_inputs(value: Any, name: str, specs: Mapping[Key, InputSpec] | None,
                       dtype: torch.dtype, device: torch.device,
-                      stream: tuple[Any, ...] | None = None) -> ClipInputs:
+                      stream: tuple[Any, ...] | None = None,
+                      signature: inspect.Signature | None = None) -> ClipInputs:
     """Validate a clip (a tensor or a tuple/dict of tensors ``[B, T, ...]``) before any layer.
 
     As :func:`check_frame_inputs`; ``stream`` is checked against the clip's frames.
     """
     kind, keys, leaves = _check_leaves(value, name, specs, dtype, device, time_dim=True)
     clip = ClipInputs(kind, keys, leaves)
+    check_signature(signature, clip, name)
     _check_stream(clip.frame(0), f"{name} frame", stream)
     _check_finite(leaves, keys, name)
     return clip

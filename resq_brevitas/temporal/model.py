@@ -47,6 +47,7 @@ from resq_brevitas.temporal.inputs import (
     check_clip_inputs,
     check_frame_inputs,
     expected_inputs,
+    model_signature,
 )
 from resq_brevitas.temporal.outputs import stack_outputs
 from resq_brevitas.temporal.schedule import KeyframeSchedule
@@ -431,7 +432,8 @@ class ResQModel(nn.Module):
         """
         dtype, device = self._param_dtype_device()
         return check_frame_inputs(frame, name, self.expected_inputs, dtype, device,
-                                  self._stream.shape if stream else None)
+                                  self._stream.shape if stream else None,
+                                  model_signature(self.model))
 
     def check_video(self, video: Any, name: str = "video", stream: bool = False
                     ) -> ClipInputs:
@@ -444,8 +446,10 @@ class ResQModel(nn.Module):
                 stream's shape).
         """
         dtype, device = self._param_dtype_device()
+        # The signature is read each call (microseconds), not kept on the model (pickling).
         return check_clip_inputs(video, name, self.expected_inputs, dtype, device,
-                                 self._stream.shape if stream else None)
+                                 self._stream.shape if stream else None,
+                                 model_signature(self.model))
 
     def _as_frame(self, frame: Any) -> FrameInputs:
         return frame if isinstance(frame, FrameInputs) else self.check_frame(frame)
