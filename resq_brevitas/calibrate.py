@@ -30,7 +30,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from resq_brevitas.bn_fold import fold_batch_norms, warn_unfolded
-from resq_brevitas.checks import check_frame
 from resq_brevitas.config import LineSearch
 from resq_brevitas.nn.residual import CalibrationTarget, value_of
 from resq_brevitas.quant.control import quantization_disabled
@@ -41,6 +40,12 @@ from resq_brevitas.quant.line_search import (
     set_act_threshold,
 )
 from resq_brevitas.temporal.context import Observer
+from resq_brevitas.temporal.inputs import (
+    ClipInputs,
+    check_signature,
+    input_arity,
+    model_signature,
+)
 from resq_brevitas.temporal.model import ResQModel
 
 __all__ = [
@@ -59,56 +64,97 @@ PATHS = ("keyframe", "residual")
 _OBSERVED = MappingProxyType({"keyframe": "frame", "residual": "residual"})
 
 
-def _as_batched_clip(clip: object, index: int, frame_rank: int | None) -> Tensor:
-    """``[B, T, C, ...]`` from a batched or an unbatched clip.
-
-    Args:
-        clip: The clip (or a ``(clip, labels)`` pair).
-        index: Its position, for messages.
-        frame_rank: The rank of a batch of frames ``[B, C, ...]`` the model takes, if known: a
-            clip of that rank is unbatched, one more is batched. Unknown: 4-D clips are taken
-            as unbatched image clips ``[T, C, H, W]``.
-    """
-    if isinstance(clip, (tuple, list)) and clip and isinstance(clip[0], Tensor):
-        clip = clip[0]  # a (clip, labels) pair from a DataLoader
-    if not isinstance(clip, Tensor):
-        raise TypeError(f"clips[{index}] must be a torch.Tensor, got {type(clip).__name__}")
-    if frame_rank is not None:
-        if clip.dim() == frame_rank:
-            return clip.unsqueeze(0)
-        if clip.dim() == frame_rank + 1:
-            return clip
-        raise ValueError(
-            f"clips[{index}] must have rank {frame_rank} ([T, C, ...]) or {frame_rank + 1} "
-            f"([B, T, C, ...]) for this model, got shape {tuple(clip.shape)}"
-        )
-    if clip.dim() == 4:  # [T, C, H, W]: one unbatched image clip
-        return clip.unsqueeze(0)
-    if clip.dim() < 3:
-        raise ValueError(
-            f"clips[{index}] must be [T, C, H, W] or [B, T, C, ...], got shape {tuple(clip.shape)}"
-        )
+def _clip_inputs(qm: ResQModel, clip: object) -> object:
+    """The model inputs of a clip: a ``(clip, labels)`` pair from a DataLoader gives its first
+    element. A tuple of tensors is a pair for a single-input model and the inputs themselves
+    for a model with several inputs."""
+    if isinstance(clip, (tuple, list)) and clip:
+        first = clip[0]
+        if isinstance(first, (tuple, list, Mapping)):
+            return first  # ((image1, image2), labels) or ({"frame": ..}, labels)
+        if isinstance(first, Tensor) and input_arity(qm.model) in (None, 1):
+            return first  # (clip, labels)
     return clip
 
 
+def _as_batched_clip(qm: ResQModel, clip: object, index: int) -> object:
+    """``[B, T, C, ...]`` (per input) from a batched or an unbatched clip.
+
+    Whether a clip is batched is decided by the model's frame rank
+    (:attr:`ResQModel.expected_inputs`): a clip of the rank of a batch of frames is unbatched
+    (``[T, C, ...]``), one more is batched; every input of a clip must agree.
+
+    Raises:
+        TypeError: Not a tensor (or a tuple/dict of them).
+        ValueError: A rank that fits neither, inputs that disagree, or a model whose frame rank
+            is unknown (a ``Linear`` first layer that takes any rank) with no way to tell.
+    """
+    name = f"clips[{index}]"
+    clip = _clip_inputs(qm, clip)
+    if isinstance(clip, Tensor):
+        keys, leaves = [None], [clip]
+    elif isinstance(clip, (tuple, list)) and clip:
+        keys, leaves = list(range(len(clip))), list(clip)
+    elif isinstance(clip, Mapping) and clip:
+        keys, leaves = list(clip), list(clip.values())
+    else:
+        raise TypeError(f"{name} must be a torch.Tensor (or a tuple/dict of them, one per model "
+                        f"input), got {type(clip).__name__}")
+    kind = "tensor" if isinstance(clip, Tensor) else "kwargs" if isinstance(clip, Mapping) \
+        else "args"
+    # missing, extra or misnamed inputs first: their ranks cannot be read off the model
+    check_signature(model_signature(qm.model), ClipInputs(kind, tuple(keys), tuple(leaves)),
+                    name)
+    specs = qm.expected_inputs
+    batched = set()
+    for key, leaf in zip(keys, leaves):
+        leaf_name = name if key is None else f"{name}[{key!r}]"
+        if not isinstance(leaf, Tensor):
+            raise TypeError(f"{leaf_name} must be a torch.Tensor, got {type(leaf).__name__}")
+        spec = specs.get(0 if key is None else key)
+        rank = None if spec is None else spec.rank
+        if rank is None:
+            continue
+        if leaf.dim() not in (rank, rank + 1):
+            raise ValueError(
+                f"{leaf_name} must have rank {rank} ([T, C, ...]) or {rank + 1} ([B, T, C, ...]) "
+                f"for this model (frames of rank {rank} incl. batch, read off "
+                f"{spec.layer or 'frame_rank'}), got shape {tuple(leaf.shape)}")
+        batched.add(leaf.dim() == rank + 1)
+    if not batched:
+        raise ValueError(
+            f"cannot tell whether {name} (shapes {[tuple(t.shape) for t in leaves]}) is one clip "
+            "[T, ...] or a batch [B, T, ...]: the model's first layers take frames of any rank; "
+            "set qm.frame_rank (the rank of a batch of frames) or run one frame through qm first")
+    if len(batched) > 1:
+        raise ValueError(f"{name}: some inputs are batched clips [B, T, ...] and others unbatched "
+                         f"[T, ...] (shapes {[tuple(t.shape) for t in leaves]})")
+    if batched.pop():
+        return clip
+    leaves = [t.unsqueeze(0) for t in leaves]
+    if isinstance(clip, Tensor):
+        return leaves[0]
+    return dict(zip(keys, leaves)) if isinstance(clip, Mapping) else tuple(leaves)
+
+
 def iter_clip_frames(qm: ResQModel, clips: Iterable[Any], samples: int
-                     ) -> Iterator[tuple[bool, Tensor]]:
+                     ) -> Iterator[tuple[bool, Any]]:
     """Yield ``(starts_clip, frame)`` until ``samples`` frames (counted per batch row) were seen.
 
-    Every frame is validated against the model (rank, channels, finite values). Clips holding
-    fewer than ``samples`` frames are used whole, with a warning (Python shows it once per
-    session; every pass over the clips issues it).
+    Frames come as the model takes them (a tensor ``[B, ...]``, or a tuple/dict of them for a
+    model with several inputs). Every clip is validated against the model (rank, channels,
+    dtype, device, finite values) before its first frame is yielded. Clips holding fewer than
+    ``samples`` frames are used whole, with a warning (Python shows it once per session; every
+    pass over the clips issues it).
     """
     seen = 0
-    for index, clip in enumerate(clips):
-        clip = _as_batched_clip(clip, index, qm.frame_rank)
-        for t in range(clip.shape[1]):
+    for index, raw in enumerate(clips):
+        clip = qm.check_video(_as_batched_clip(qm, raw, index), f"clips[{index}]")
+        for t in range(clip.frames):
             if seen >= samples:
                 return
-            frame = clip[:, t]
-            check_frame(frame, "calibration frame", qm.input_spec)
-            yield t == 0, frame
-            seen += frame.shape[0]
+            yield t == 0, clip.frame(t).value
+            seen += clip.batch
     _check_seen(seen, samples)
 
 
@@ -122,23 +168,17 @@ def _check_seen(seen: int, samples: int) -> None:
                       stacklevel=5)  # _check_seen <- generator <- pass <- calibrate <- caller
 
 
-def iter_clips(qm: ResQModel, clips: Iterable[Any], samples: int) -> Iterator[Tensor]:
-    """Yield batched clips ``[B, T', C, ...]``, cut so that ``samples`` frames (counted per batch
-    row, as :func:`iter_clip_frames`) are seen in all; every frame is validated."""
+def iter_clips(qm: ResQModel, clips: Iterable[Any], samples: int) -> Iterator[ClipInputs]:
+    """Yield validated batched clips (every input ``[B, T', C, ...]``), cut so that ``samples``
+    frames (counted per batch row, as :func:`iter_clip_frames`) are seen in all."""
     seen = 0
-    for index, clip in enumerate(clips):
+    for index, raw in enumerate(clips):
         if seen >= samples:
             return
-        clip = _as_batched_clip(clip, index, qm.frame_rank)
-        if clip.shape[1] == 0:
-            continue
-        frames = min(clip.shape[1], -(-(samples - seen) // clip.shape[0]))
-        clip = clip[:, :frames]
-        check_frame(clip[:, 0], "calibration frame", qm.input_spec)
-        if not bool(torch.isfinite(clip).all()):
-            raise ValueError(f"calibration frame of clips[{index}] contains NaN or Inf values")
-        yield clip
-        seen += frames * clip.shape[0]
+        clip = qm.check_video(_as_batched_clip(qm, raw, index), f"clips[{index}]")
+        frames = min(clip.frames, -(-(samples - seen) // clip.batch))
+        yield clip.chunk(0, frames)
+        seen += frames * clip.batch
     _check_seen(seen, samples)
 
 
@@ -149,7 +189,7 @@ def _run_pass(qm: ResQModel, clips: Iterable[Any], samples: int, observer: Obser
         for clip in iter_clips(qm, clips, samples):
             qm.reset()  # each clip is a stream of its own
             qm.run_clip(clip, adaptive=False, observer=observer)
-            bar.update(clip.shape[0] * clip.shape[1])
+            bar.update(clip.batch * clip.frames)
     finally:
         bar.close()
         qm.reset()
@@ -201,8 +241,10 @@ def calibrate(qm: ResQModel, clips: Iterable[Any], *, samples: int | None = None
     Args:
         qm: A model from :func:`resq_brevitas.convert`.
         clips: A re-iterable collection (list, Dataset-like, DataLoader without shuffling) of
-            clips ``[T, C, H, W]`` or ``[B, T, C, ...]`` (or ``(clip, labels)`` pairs); it is read
-            twice, in the same order.
+            clips ``[T, C, ...]`` or ``[B, T, C, ...]`` (or ``(clip, labels)`` pairs); for a
+            model with several inputs, each clip is a tuple/dict of such tensors. Whether a
+            clip is batched is read off the model's frame rank (:attr:`ResQModel.frame_rank`);
+            it is read twice, in the same order.
         samples: Calibration frames ``c`` (default: ``qm.config.calibration.samples``).
         candidates: Line-search points ``r`` (default: ``qm.config.calibration.candidates``).
         paths: Which quantizers to calibrate: ``"keyframe"`` (on frame inputs) and/or

@@ -20,6 +20,7 @@ __all__ = [
     "check_int",
     "check_period",
     "check_real",
+    "check_tensor",
 ]
 
 
@@ -129,3 +130,51 @@ def check_frame(frame: Any, name: str = "frame", spec: tuple[int, int] | None = 
         )
     if not bool(torch.isfinite(frame).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def check_tensor(value: Any, name: str, *, dtype: torch.dtype | None = None,
+                 device: torch.device | None = None, rank: int | None = None,
+                 min_rank: int = 1, channels: int | None = None, channel_dim: int = 1,
+                 layout: str = "[B, C, ...]", source: str | None = None) -> Tensor:
+    """A non-empty floating-point tensor of the model's dtype and device, rank and channels.
+
+    Finite values are not checked here (a full pass over the data; callers do it last).
+
+    Args:
+        value: The value to check.
+        name: Argument name for messages.
+        dtype: The dtype it must have.
+        device: The device it must be on.
+        rank: The rank it must have (``None``: any rank ``>= min_rank``).
+        min_rank: The smallest rank accepted.
+        channels: The size ``channel_dim`` must have.
+        channel_dim: Where the channels are.
+        layout: The expected layout, for messages.
+        source: What the expectation was read off (a layer name), for messages.
+
+    Raises:
+        TypeError: Not a floating-point tensor, or another dtype or device.
+        ValueError: Wrong rank or channels, or empty.
+    """
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if dtype is not None and value.dtype != dtype:
+        raise TypeError(f"{name} must have the model's dtype {dtype}, got {value.dtype}; "
+                        f"convert the frames (or the model with .to())")
+    if device is not None and value.device != device:
+        raise TypeError(f"{name} must be on the model's device {device}, got {value.device}")
+    by = f" (read off layer {source!r})" if source else ""
+    shape = tuple(value.shape)
+    if rank is not None and value.dim() != rank:
+        raise ValueError(f"{name} must have rank {rank} ({layout}){by}, got rank {value.dim()} "
+                         f"(shape {shape})")
+    if value.dim() < min_rank:
+        raise ValueError(f"{name} must be {layout} (rank >= {min_rank}), got shape {shape}")
+    if value.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {shape}")
+    if channels is not None and value.shape[channel_dim] != channels:
+        raise ValueError(f"{name} must have {channels} channels (dim {channel_dim}){by}, got "
+                         f"{value.shape[channel_dim]} (shape {shape})")
+    return value

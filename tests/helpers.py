@@ -87,3 +87,82 @@ def bits_per_mac(scheme: str, period: int = 1) -> float:
 def relative_bops(scheme: str, period: int = 1, reference: str = "W8A8") -> float:
     """BOPs of ``scheme`` at ``period`` relative to frame quantization at ``reference``."""
     return bits_per_mac(scheme, period) / bits_per_mac(reference)
+
+
+class TwoInputFlowNet(nn.Module):
+    """A flow-style model ``forward(image1, image2)`` (RAFT-like inputs): one encoder per
+    image, a fused decoder, and a tuple output ``(flow at 1/2 resolution, upsampled flow)``."""
+
+    def __init__(self, channels: int = 3) -> None:
+        super().__init__()
+        self.enc1 = nn.Conv2d(channels, 8, 3, padding=1)
+        self.enc2 = nn.Conv2d(channels, 8, 3, padding=1)
+        self.fuse = nn.Conv2d(16, 8, 3, stride=2, padding=1)
+        self.flow = nn.Conv2d(8, 2, 3, padding=1)
+
+    def forward(self, image1: torch.Tensor, image2: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        f = torch.cat([torch.relu(self.enc1(image1)), torch.relu(self.enc2(image2))], 1)
+        low = self.flow(torch.relu(self.fuse(f)))
+        return low, 2 * nn.functional.interpolate(low, scale_factor=2.0, mode="nearest")
+
+
+class MaskGuidedSegNet(nn.Module):
+    """A video-object-segmentation-style model ``forward(frame, mask)`` (keyword inputs: an
+    image ``[B, C, H, W]`` and a one-channel mask) with a nested dict output
+    ``{"out": segmentation, "aux": {"score": per-object score from a Linear}}``."""
+
+    def __init__(self, channels: int = 3, classes: int = 2) -> None:
+        super().__init__()
+        self.image = nn.Conv2d(channels, 8, 3, padding=1)
+        self.mask = nn.Conv2d(1, 8, 3, padding=1)
+        self.mix = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, classes, 1)
+        self.score = nn.Linear(8, 1)
+
+    def forward(self, frame: torch.Tensor, mask: torch.Tensor) -> dict:
+        h = torch.relu(self.mix(torch.relu(self.image(frame)) + torch.relu(self.mask(mask))))
+        return {"out": self.head(h), "aux": {"score": self.score(h.mean((2, 3)))}}
+
+
+class SlidingClip3DNet(nn.Module):
+    """A 3D-CNN clip classifier (r3d-like): each "frame" of the stream is a sliding clip
+    ``[C, T', H, W]`` of ``T'`` video frames; output logits ``[B, classes]``."""
+
+    def __init__(self, channels: int = 3, classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv3d(channels, 8, 3, padding=1)
+        self.bn = nn.BatchNorm3d(8)
+        self.temporal = nn.Conv3d(8, 8, (3, 1, 1), padding=(1, 0, 0))
+        self.spatial = nn.Conv3d(8, 8, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.bn(self.stem(x)))
+        a = a + torch.relu(self.temporal(a))
+        a = torch.relu(self.spatial(a))
+        return self.fc(a.mean((2, 3, 4)))
+
+
+def make_sliding_clips(batch: int = 2, clips: int = 6, window: int = 4, channels: int = 3,
+                       size: int = 16, seed: int = 0, drift: float = 0.1) -> torch.Tensor:
+    """A stream of sliding clips ``[B, N, C, T', H, W]``: window ``n`` holds video frames
+    ``n .. n + T' - 1`` of a coherent video (:func:`make_clip`)."""
+    video = make_clip(batch, clips + window - 1, channels, size, seed, drift)
+    windows = torch.stack([video[:, n:n + window] for n in range(clips)], 1)
+    return windows.transpose(2, 3).contiguous()  # [B, N, T', C, H, W] -> [B, N, C, T', H, W]
+
+
+def make_two_input_clip(batch: int = 2, frames: int = 6, size: int = 16, seed: int = 0
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image1, image2)`` clips of a flow model: consecutive frames of one video."""
+    video = make_clip(batch, frames + 1, 3, size, seed)
+    return video[:, :-1].contiguous(), video[:, 1:].contiguous()
+
+
+def make_mask_clip(batch: int = 2, frames: int = 6, size: int = 16, seed: int = 0
+                   ) -> dict[str, torch.Tensor]:
+    """``{"frame": [B, T, 3, H, W], "mask": [B, T, 1, H, W]}`` clips of a VOS model."""
+    video = make_clip(batch, frames, 4, size, seed)
+    return {"frame": video[:, :, :3].contiguous(),
+            "mask": torch.sigmoid(video[:, :, 3:]).contiguous()}

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from resq_brevitas.checks import check_frame
+from resq_brevitas.checks import check_int
 from resq_brevitas.config import ResQConfig, Scheme
 from resq_brevitas.nn.cost import CostReport, CostTally
 from resq_brevitas.nn.layers import DEFAULT_LAYER_MAP, ResQLayerMixin, is_resq_layer
@@ -39,6 +39,17 @@ from resq_brevitas.temporal.context import (
     StepOutputs,
     attached,
 )
+from resq_brevitas.temporal.inputs import (
+    ClipInputs,
+    FrameInputs,
+    InputSpec,
+    Key,
+    check_clip_inputs,
+    check_frame_inputs,
+    expected_inputs,
+    model_signature,
+)
+from resq_brevitas.temporal.outputs import stack_outputs
 from resq_brevitas.temporal.schedule import KeyframeSchedule
 from resq_brevitas.temporal.state import LayerState
 from resq_brevitas.temporal.step import ResidualMode
@@ -69,22 +80,6 @@ def _in_row_order(outputs: StepOutputs, inverse: Tensor) -> StepOutputs:
     )
 
 
-def stack_outputs(outputs: list[Any]) -> Any:
-    """Stack per-frame outputs along a new time dimension 1, through tuples, lists and dicts."""
-    first = outputs[0]
-    if isinstance(first, Tensor):
-        return torch.stack(outputs, dim=1)
-    if isinstance(first, tuple) and hasattr(first, "_fields"):
-        return type(first)(*(stack_outputs(list(items)) for items in zip(*outputs)))
-    if isinstance(first, (tuple, list)):
-        return type(first)(stack_outputs(list(items)) for items in zip(*outputs))
-    if isinstance(first, Mapping):
-        return type(first)((k, stack_outputs([o[k] for o in outputs])) for k in first)
-    raise TypeError(
-        f"model output must be a Tensor or a tuple/list/dict of them, got {type(first).__name__}"
-    )
-
-
 @dataclass(frozen=True)
 class CallRecord:
     """What the layers reported for ``frames`` frames of ``batch`` streams that ran together
@@ -110,12 +105,13 @@ class StreamState:
     Attributes:
         phase: Long ``[B]``: frames since each row's last keyframe, including it (0: none yet).
         energy: Float64 ``[B]``: truncated energy since each row's last keyframe (RRM eq. 7).
-        shape: The frame shape of the stream.
+        shape: The stream's frame signature (``(input key, shape)`` of each input, see
+            :attr:`~resq_brevitas.temporal.inputs.FrameInputs.signature`).
     """
 
     phase: Tensor | None = None
     energy: Tensor | None = None
-    shape: tuple[int, ...] | None = None
+    shape: tuple[Any, ...] | None = None
 
 
 class ResQModel(nn.Module):
@@ -161,8 +157,12 @@ class ResQModel(nn.Module):
             t for t in (build_refresh(r) for r in config.refresh) if t is not None)
         self._stream = StreamState()
         self._mode = ResidualMode.from_config(config)
-        #: ``(frame rank incl. batch, channels)``, learnt at calibration or at the first frame.
-        self.input_spec: tuple[int, int] | None = None
+        # Ranks of each input's frames (incl. batch) seen in a successful call: they stand in
+        # for a rank the model does not fix (a Linear first layer takes any rank).
+        self._learned_ranks: dict[Key, int] = {}
+        self._rank_override: int | None = None
+        self._expected: dict[Key, InputSpec] | None = None
+        self._expected_read = False
         self.calibrated = False
         #: BatchNorm folding waits for an example frame (the model could not be fx-traced).
         self.bn_fold_pending = False
@@ -219,15 +219,59 @@ class ResQModel(nn.Module):
         yield from self._layers
 
     @property
+    def expected_inputs(self) -> dict[Key, InputSpec]:
+        """What each model input must look like, keyed by position (and by argument name):
+        read off the first ResQ layer it reaches (:func:`~resq_brevitas.temporal.inputs.
+        expected_inputs`); a rank the model does not fix comes from :attr:`frame_rank` when set
+        explicitly, else from the frames of a successful call."""
+        specs = dict(self._model_inputs())
+        keys = set(specs) | set(self._learned_ranks) | ({0} if self._rank_override else set())
+        for key in keys:
+            spec = specs.get(key, InputSpec(None, None, 1, None))
+            if spec.rank is None:
+                rank = self._rank_override or self._learned_ranks.get(key)
+                spec = replace(spec, rank=rank)
+            specs[key] = spec
+        return specs
+
+    def _model_inputs(self) -> dict[Key, InputSpec]:
+        """:func:`expected_inputs` of the wrapped model, traced once."""
+        if not self._expected_read:
+            self._expected = expected_inputs(self.model)
+            self._expected_read = True
+        return self._expected or {}
+
+    @property
     def frame_rank(self) -> int | None:
-        """Rank of a batch of frames ``[B, C, ...]`` the model takes: learnt from the first frame,
-        else read off the first convolution (its weight has the frame's rank), else ``None``."""
-        if self.input_spec is not None:
-            return self.input_spec[0]
-        for _, layer in self._layers:
-            if layer.channel_dim == 1:
-                return layer.weight.dim()
-        return None
+        """Rank of a batch of frames ``[B, C, ...]`` the model's (first) input takes: read off
+        the first ResQ layer it reaches (``Conv2d``: 4, ``Conv3d``: 5), else set explicitly
+        (``qm.frame_rank = 3`` for a token model whose first layer is a ``Linear``), else seen
+        in a successful call, else ``None`` (any rank).
+
+        Raises:
+            ValueError: Setting a rank that contradicts the model's first layer.
+        """
+        spec = self.expected_inputs.get(0)
+        return None if spec is None else spec.rank
+
+    @frame_rank.setter
+    def frame_rank(self, rank: int | None) -> None:
+        if rank is not None:
+            rank = check_int(rank, "frame_rank", minimum=2)
+            fixed = self._model_inputs().get(0)
+            if fixed is not None and fixed.rank is not None and fixed.rank != rank:
+                raise ValueError(f"frame_rank: layer {fixed.layer!r} takes frames of rank "
+                                 f"{fixed.rank}, got {rank}")
+        self._rank_override = rank
+
+    @property
+    def input_spec(self) -> tuple[int, int] | None:
+        """``(rank incl. batch, channels on dim 1)`` of a single-tensor model's frames when
+        both are known (see :attr:`expected_inputs` for models with several inputs)."""
+        spec = self.expected_inputs.get(0)
+        if spec is None or spec.rank is None or spec.channels is None or spec.channel_dim != 1:
+            return None
+        return spec.rank, spec.channels
 
     @property
     def in_stream(self) -> bool:
@@ -347,15 +391,19 @@ class ResQModel(nn.Module):
             self.unsigned_inputs = (*self.unsigned_inputs, name)
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"input_spec": self.input_spec, "calibrated": self.calibrated,
+        return {"input_ranks": dict(self._learned_ranks), "frame_rank": self._rank_override,
+                "calibrated": self.calibrated,
                 "config": self.config.to_dict(), "unsigned_inputs": list(self.unsigned_inputs)}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         # Runs before the layers load their parameters, so their quantizers are rebuilt first.
         for name in state.get("unsigned_inputs", ()):
             self.use_unsigned_input(name)
-        spec = state.get("input_spec")
-        self.input_spec = tuple(spec) if spec is not None else None  # type: ignore[assignment]
+        self._learned_ranks = dict(state.get("input_ranks", {}))
+        spec = state.get("input_spec")  # saved before models took several inputs
+        if spec is not None:
+            self._learned_ranks.setdefault(0, int(spec[0]))
+        self._rank_override = state.get("frame_rank")
         self.calibrated = bool(state.get("calibrated", False))
         saved = state.get("config")
         if saved is not None and saved != self.config.to_dict():
@@ -384,42 +432,57 @@ class ResQModel(nn.Module):
         weight = self._layers[0][1].weight
         return weight.dtype, weight.device
 
-    def check_frame(self, frame: Any, name: str = "frame") -> None:
-        """Raise a clear error if ``frame`` cannot continue the current stream."""
-        check_frame(frame, name, self.input_spec, self._stream.shape)
-        self._check_dtype_device(frame, name)
+    def check_frame(self, frame: Any, name: str = "frame", stream: bool = True) -> FrameInputs:
+        """Validate a frame (a tensor ``[B, ...]``, or a tuple/dict of them for a model with
+        several inputs) against the model and (``stream``) the running stream, before any layer
+        runs.
 
-    def _check_dtype_device(self, tensor: Tensor, name: str) -> None:
-        """Frames must match the model's dtype and device: keyframes would fail deep in a layer
-        and residual frames would silently mix precisions."""
+        Returns:
+            The validated frame.
+
+        Raises:
+            TypeError: Not a tensor (or tuple/dict of them), not floating point, or not the
+                model's dtype or device.
+            ValueError: Wrong rank or channels (from the first layers), empty, NaN/Inf, a shape
+                or structure change mid-stream.
+        """
         dtype, device = self._param_dtype_device()
-        if tensor.dtype != dtype:
-            raise TypeError(f"{name} must have the model's dtype {dtype}, got {tensor.dtype}; "
-                            f"convert the frames (or the model with .to())")
-        if tensor.device != device:
-            raise TypeError(f"{name} must be on the model's device {device}, got {tensor.device}")
+        return check_frame_inputs(frame, name, self.expected_inputs, dtype, device,
+                                  self._stream.shape if stream else None,
+                                  model_signature(self.model))
 
-    def _check_video(self, video: Any) -> None:
-        if not isinstance(video, Tensor):
-            raise TypeError(
-                f"video must be a torch.Tensor [B, T, C, ...], got {type(video).__name__}"
-            )
-        if video.dim() < 3:
-            raise ValueError(
-                f"video must be [B, T, C, ...] (rank >= 3), got shape {tuple(video.shape)}"
-            )
-        if video.shape[1] == 0:
-            raise ValueError(f"video must have at least one frame, got shape {tuple(video.shape)}")
-        if self.input_spec is not None and video.dim() != self.input_spec[0] + 1:
-            raise ValueError(
-                f"video must have rank {self.input_spec[0] + 1} ([B, T, C, ...]), got rank "
-                f"{video.dim()} (shape {tuple(video.shape)})"
-            )
-        # A clip starts a fresh stream; frame 0 stands for the clip, and all of it must be finite.
-        check_frame(video[:, 0], "video frame", self.input_spec)
-        self._check_dtype_device(video, "video")
-        if not bool(torch.isfinite(video).all()):
-            raise ValueError("video contains NaN or Inf values")
+    def check_video(self, video: Any, name: str = "video", stream: bool = False
+                    ) -> ClipInputs:
+        """Validate a clip (every input ``[B, T, ...]``) as :meth:`check_frame` does a frame.
+
+        Args:
+            video: The clip.
+            name: The argument's name for messages.
+            stream: Whether the clip continues the running stream (its frames must keep the
+                stream's shape).
+        """
+        dtype, device = self._param_dtype_device()
+        # The signature is read each call (microseconds), not kept on the model (pickling).
+        return check_clip_inputs(video, name, self.expected_inputs, dtype, device,
+                                 self._stream.shape if stream else None,
+                                 model_signature(self.model))
+
+    def _as_frame(self, frame: Any) -> FrameInputs:
+        return frame if isinstance(frame, FrameInputs) else self.check_frame(frame)
+
+    def _learn_ranks(self, frame: FrameInputs) -> None:
+        for key, leaf in zip(frame.keys, frame.leaves):
+            self._learned_ranks.setdefault(0 if key is None else key, leaf.dim())
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ResQModel:
+        """``.to()``, ``.half()``, ``.double()``, ``.cuda()``: the references of a running
+        stream move with the parameters (as buffers would), so a stream continues in the new
+        dtype/device and never mixes precisions."""
+        super()._apply(fn, recurse)
+        for state in self._states.values():
+            if state.ref is not None:
+                state.ref = type(state.ref)(fn(state.ref.x), fn(state.ref.z))
+        return self
 
     def _check_calibrated(self, stacklevel: int = 3) -> None:
         """An uncalibrated model runs every range at its default (1.0): warn once per model
@@ -440,10 +503,10 @@ class ResQModel(nn.Module):
         warnings.warn(message, stacklevel=stacklevel)
 
     # ------------------------------------------------------------------ running
-    def _step_inputs(self, frame: Tensor, adaptive: bool, observer: Observer | None
+    def _step_inputs(self, frame: FrameInputs, adaptive: bool, observer: Observer | None
                      ) -> tuple[StepInputs, Tensor, Tensor]:
         """The frame's inputs, its phases and the rows ``before_frame`` triggers forced."""
-        rows = frame.shape[0]
+        rows = frame.batch
         stream = self._stream
         phase = stream.phase if stream.phase is not None else torch.zeros(rows, dtype=torch.long)
         key_mask = self.schedule.key_mask(phase)
@@ -469,14 +532,15 @@ class ResQModel(nn.Module):
     def _records_bit_maps(self) -> bool:
         return self.scheme.is_dynamic or any(o.scheme.is_dynamic for o in self.config.overrides)
 
-    def run_frame(self, frame: Tensor, *, adaptive: bool = True, detach: bool = True,
+    def run_frame(self, frame: Any, *, adaptive: bool = True, detach: bool = True,
                   observer: Observer | None = None) -> Any:
-        """One validated frame through the model; the state is committed only on success.
+        """One frame through the model; the state is committed only on success.
 
         This is the hook calibration uses; users call :meth:`step` or :meth:`forward`.
 
         Args:
-            frame: ``[B, C, ...]``, already validated (:meth:`check_frame`).
+            frame: ``[B, C, ...]`` (or a tuple/dict of inputs), validated here unless it is a
+                :class:`~resq_brevitas.temporal.inputs.FrameInputs` (already validated).
             adaptive: Let the refresh triggers force keyframes (calibration runs the fixed
                 schedule only).
             detach: Detach the stored references from autograd.
@@ -485,9 +549,9 @@ class ResQModel(nn.Module):
         Returns:
             The model output.
         """
-        return self._run_frame(frame, adaptive, detach, observer)[0]
+        return self._run_frame(self._as_frame(frame), adaptive, detach, observer)[0]
 
-    def _run_frame(self, frame: Tensor, adaptive: bool, detach: bool,
+    def _run_frame(self, frame: FrameInputs, adaptive: bool, detach: bool,
                    observer: Observer | None) -> tuple[Any, CallRecord]:
         """:meth:`run_frame`, also returning what the layers reported."""
         inputs, phase, forced = self._step_inputs(frame, adaptive, observer)
@@ -498,7 +562,7 @@ class ResQModel(nn.Module):
             with attached(self._layers, self._states.__getitem__):
                 # The model's own copy: a layer reading the frame keeps it as its reference,
                 # and callers reuse frame buffers (decoders, pinned-memory loaders).
-                out = self.model(frame.clone())
+                out = frame.call(self.model, copy=True)
             for state in self._states.values():
                 state.verify()
         except BaseException:
@@ -517,17 +581,16 @@ class ResQModel(nn.Module):
         stream = self._stream
         stream.phase = self.schedule.advance(phase, final_mask)
         previous = stream.energy if stream.energy is not None else torch.zeros(
-            frame.shape[0], dtype=torch.float64)
+            frame.batch, dtype=torch.float64)
         stream.energy = torch.where(final_mask, torch.zeros_like(previous),
                                     previous + outputs.truncated)
-        stream.shape = tuple(frame.shape)
-        if self.input_spec is None:
-            self.input_spec = (frame.dim(), int(frame.shape[1]))
-        return out, CallRecord(final_mask.view(-1, 1), outputs, frame.shape[0], 1)
+        stream.shape = frame.signature
+        self._learn_ranks(frame)
+        return out, CallRecord(final_mask.view(-1, 1), outputs, frame.batch, 1)
 
-    def keyframe_output(self, frame: Tensor) -> Any:
+    def keyframe_output(self, frame: Any) -> Any:
         """The output of the keyframe path on every layer (no temporal state read or written)."""
-        return self.model(frame)
+        return self._as_frame(frame).call(self.model)
 
     def _record(self, records: list[CallRecord]) -> None:
         """Fill ``last_cost``, ``last_keyframes``, ``last_refreshes`` and ``last_bit_maps``."""
@@ -545,8 +608,10 @@ class ResQModel(nn.Module):
                           for r in records], 1)
             for n in names if all(n in r.outputs.bit_maps for r in records)}
 
-    def step(self, frame: Tensor) -> Any:
-        """Continue every row's stream with one frame ``[B, C, ...]``.
+    def step(self, frame: Any) -> Any:
+        """Continue every row's stream with one frame ``[B, C, ...]`` (any rank the model
+        takes; a tuple or dict of such tensors for a model with several inputs: positional or
+        keyword arguments).
 
         The first frame after :meth:`reset` (or construction) is a keyframe for every row; then
         each row runs ``period - 1`` residual frames before its next keyframe.
@@ -555,9 +620,9 @@ class ResQModel(nn.Module):
             TypeError, ValueError: On a malformed frame, or a shape/batch change mid-stream.
                 The model's state is unchanged after an error.
         """
-        self.check_frame(frame)
+        inputs = self.check_frame(frame)
         self._check_calibrated()
-        out, record = self._run_frame(frame, True, True, None)
+        out, record = self._run_frame(inputs, True, True, None)
         self._record([record])
         return out
 
@@ -574,7 +639,7 @@ class ResQModel(nn.Module):
         return (self.clip_execution == "auto" and not self._mode.advances
                 and len(self.refresh_triggers) == 0)
 
-    def step_clip(self, video: Tensor) -> Any:
+    def step_clip(self, video: Any) -> Any:
         """Continue every row's stream with the frames of a clip ``[B, T, C, ...]``.
 
         The same as calling :meth:`step` on each frame (same outputs, state and ``last_cost``),
@@ -584,16 +649,11 @@ class ResQModel(nn.Module):
             TypeError, ValueError: On a malformed clip, or a shape change mid-stream; the state
                 is unchanged after an error.
         """
-        self._check_video(video)
+        clip = self.check_video(video, stream=True)
         self._check_calibrated()
-        if self._stream.shape is not None and tuple(video[:, 0].shape) != self._stream.shape:
-            raise ValueError(
-                f"video frame shape changed mid-stream: expected {self._stream.shape}, got "
-                f"{tuple(video[:, 0].shape)}; call reset() to start a new stream"
-            )
-        return self._run_recorded(video, detach=True)
+        return self._run_recorded(clip, detach=True)
 
-    def _run_recorded(self, video: Tensor, detach: bool) -> Any:
+    def _run_recorded(self, video: ClipInputs, detach: bool) -> Any:
         """:meth:`run_clip` that restores the state on failure and records ``last_*``."""
         saved = self._snapshot()
         try:
@@ -604,20 +664,23 @@ class ResQModel(nn.Module):
         self._record(frames)
         return out
 
-    def forward(self, video: Tensor) -> Any:
+    def forward(self, video: Any) -> Any:
         """Run a fresh clip ``[B, T, C, ...]``; returns outputs stacked on dim 1 (``[B, T, ...]``).
+
+        For a model with several inputs, ``video`` is a tuple (positional) or dict (keyword) of
+        clips ``[B, T, ...]``; outputs of any pytree shape come back stacked per leaf.
 
         The state is reset first; afterwards it holds the end of this clip, exactly as if the
         clip had been stepped frame by frame, so :meth:`step` can continue it. Autograd history
         is kept across the clip (for QAT through time). How the clip runs: see
         :attr:`batches_clips` and :attr:`max_frames_per_batch`.
         """
-        self._check_video(video)
+        clip = self.check_video(video)
         self._check_calibrated(stacklevel=5)  # through nn.Module.__call__ to the caller
         saved = self._snapshot()
         self.reset()
         try:
-            out = self._run_recorded(video, detach=False)
+            out = self._run_recorded(clip, detach=False)
         except BaseException:
             self._restore(saved)
             raise
@@ -626,13 +689,15 @@ class ResQModel(nn.Module):
             state.detach()
         return out
 
-    def run_clip(self, video: Tensor, *, adaptive: bool = True, detach: bool = True,
+    def run_clip(self, video: Any, *, adaptive: bool = True, detach: bool = True,
                  observer: Observer | None = None) -> tuple[Any, list[CallRecord]]:
-        """Continue every stream with the frames of ``video`` (validated), time-batched when the
-        mode allows (:attr:`batches_clips`), else frame by frame.
+        """Continue every stream with the frames of ``video``, time-batched when the mode allows
+        (:attr:`batches_clips`), else frame by frame. ``last_*`` are not updated, and the
+        state is not restored on failure (:meth:`step_clip` does both).
 
         Args:
-            video: ``[B, T, C, ...]``.
+            video: ``[B, T, C, ...]`` (or a tuple/dict of them), validated here unless it is a
+                :class:`~resq_brevitas.temporal.inputs.ClipInputs` (already validated).
             adaptive: Let refresh triggers force keyframes (calibration: fixed schedule only).
             detach: Detach the stored references from autograd.
             observer: Optional calibration hook.
@@ -640,6 +705,8 @@ class ResQModel(nn.Module):
         Returns:
             The outputs stacked on dim 1, and per frame ``(key mask, StepOutputs)``.
         """
+        if not isinstance(video, ClipInputs):
+            video = self.check_video(video, stream=True)
         if self.batches_clips or (not adaptive and not self._mode.advances
                                   and self.clip_execution == "auto"):
             saved = self._snapshot()
@@ -648,21 +715,21 @@ class ResQModel(nn.Module):
             except NotBatchable:
                 self._restore(saved)
         outputs, frames = [], []
-        for t in range(video.shape[1]):
-            out, record = self._run_frame(video[:, t], adaptive, detach, observer)
+        for t in range(video.frames):
+            out, record = self._run_frame(video.frame(t), adaptive, detach, observer)
             outputs.append(out)
             frames.append(record)
         return stack_outputs(outputs), frames
 
-    def _run_chunks(self, video: Tensor, detach: bool, observer: Observer | None
+    def _run_chunks(self, video: ClipInputs, detach: bool, observer: Observer | None
                     ) -> tuple[Any, list[CallRecord]]:
         """The clip in time-batched chunks of at most ``max_frames_per_batch`` rows."""
-        batch, frames = video.shape[:2]
+        batch, frames = video.batch, video.frames
         limit = self.max_frames_per_batch
         per_chunk = frames if limit is None else max(1, limit // batch)
         outputs, records = [], []
         for start in range(0, frames, per_chunk):
-            out, chunk_records = self._run_chunk(video[:, start:start + per_chunk], detach,
+            out, chunk_records = self._run_chunk(video.chunk(start, start + per_chunk), detach,
                                                  observer)
             outputs.append(out)
             records.extend(chunk_records)
@@ -670,10 +737,10 @@ class ResQModel(nn.Module):
             return outputs[0], records
         return tree_map(lambda *leaves: torch.cat(leaves, 1), *outputs), records
 
-    def _run_chunk(self, video: Tensor, detach: bool, observer: Observer | None
+    def _run_chunk(self, video: ClipInputs, detach: bool, observer: Observer | None
                    ) -> tuple[Any, list[CallRecord]]:
         """One time-batched chunk ``[B, T', ...]``: every layer once over ``B * T'`` rows."""
-        batch, frames = video.shape[:2]
+        batch, frames = video.batch, video.frames
         stream = self._stream
         phase = stream.phase if stream.phase is not None else torch.zeros(batch, dtype=torch.long)
         plan = plan_clip(self.schedule, phase, frames)
@@ -693,7 +760,7 @@ class ResQModel(nn.Module):
         device_inverse = inverse.to(video.device)
         try:
             with attached(self._layers, executors.__getitem__):
-                out = self.model(video.flatten(0, 1).index_select(0, order.to(video.device)))
+                out = video.rows(order).call(self.model)
             out = tree_map(lambda leaf: _unflatten_rows(leaf, batch, frames, device_inverse), out)
         except BaseException:
             for state in self._states.values():
@@ -710,17 +777,17 @@ class ResQModel(nn.Module):
             energy = torch.where(plan.key[:, t], torch.zeros_like(energy),
                                  energy + truncated[:, t])
         stream.phase, stream.energy = plan.phase, energy
-        stream.shape = (batch, *video.shape[2:])
-        if self.input_spec is None:
-            self.input_spec = (video.dim() - 1, int(video.shape[2]))
+        first = video.frame(0)
+        stream.shape = first.signature
+        self._learn_ranks(first)
         return out, [CallRecord(plan.key.clone(), outputs, batch, frames)]
 
     def _snapshot(self) -> tuple[Any, ...]:
         refs = {n: s.ref for n, s in self._states.items()}
-        return refs, copy.copy(self._stream), self.input_spec
+        return refs, copy.copy(self._stream), dict(self._learned_ranks)
 
     def _restore(self, saved: tuple[Any, ...]) -> None:
-        refs, self._stream, self.input_spec = saved
+        refs, self._stream, self._learned_ranks = saved
         for name, state in self._states.items():
             state.reset()
             state.ref = refs[name]
