@@ -4,9 +4,10 @@ ONNX graphs have flat outputs; models return a tensor, or a dict / tuple / list 
 (torchvision's segmentation models return ``{"out": ..., "aux": ...}``). The export flattens
 the output of every frame into its leaves (:func:`flatten_output`), names each leaf after its
 path (``output`` for a single tensor, ``output.out`` for the key ``"out"``, ``output.0`` for
-position 0, nested paths joined by dots) and records the structure in ``manifest.json`` as
-JSON (:func:`output_structure`); :class:`~resq_brevitas.deploy.runtime.OnnxStream` rebuilds the
-same structure per frame (:func:`rebuild_output`).
+position 0, ``output.x`` for a namedtuple's field ``x``, nested paths joined by dots) and
+records the structure in ``manifest.json`` as JSON (:func:`output_structure`);
+:class:`~resq_brevitas.deploy.runtime.OnnxStream` rebuilds the same structure per frame
+(:func:`rebuild_output`).
 
 The structure is a nested JSON object, one node per container::
 
@@ -60,11 +61,12 @@ def _walk(value: Any, name: str, leaves: list[Any]) -> dict[str, Any]:
             )
         return {"kind": "dict", "keys": keys,
                 "items": [_walk(value[k], f"{name}.{k}", leaves) for k in keys]}
+    if _is_namedtuple(value):
+        items = [_walk(v, f"{name}.{f}", leaves) for f, v in zip(value._fields, value)]
+        return {"kind": "namedtuple", "type": type(value).__name__,
+                "fields": list(value._fields), "items": items}
     if isinstance(value, (tuple, list)):
         items = [_walk(v, f"{name}.{i}", leaves) for i, v in enumerate(value)]
-        if _is_namedtuple(value):
-            return {"kind": "namedtuple", "type": type(value).__name__,
-                    "fields": list(value._fields), "items": items}
         return {"kind": "tuple" if isinstance(value, tuple) else "list", "items": items}
     raise ValueError(
         "export needs model outputs made of tensors (a tensor, or dicts/tuples/lists of them); "
