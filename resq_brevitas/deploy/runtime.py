@@ -14,14 +14,17 @@ onnxruntime (``backend="onnxruntime"``), ``qonnx`` graphs (``Quant`` nodes, whic
 not know) node by node with ``qonnx.core.onnx_exec.execute_onnx`` (``backend="qonnx"``, as FINN's
 reference execution does). ``backend=`` overrides the choice.
 
-The default onnxruntime optimisation level is ``"basic"`` (constant folding and redundant-node
-removal only), which runs the graph as exported and reproduces the PyTorch model to float
-rounding. onnxruntime's own default, ``"all"`` (and ``"extended"``), fuses ``DequantizeLinear ->
-Conv -> QuantizeLinear`` into integer kernels (QLinearConv) that requantize in one step and
-rewrites attention, LayerNorm and GELU subgraphs into fused kernels; their rounding can differ
-from the float graph (on timm's LeViT and EfficientViT by ~17 dB of output SQNR), so it is an
-opt-in (``optimization="all"``). :func:`resq_brevitas.export` measures every level on the example
-frame (``manifest.parity``) and warns about a level that is not faithful.
+The default onnxruntime optimisation is ``"faithful"``: onnxruntime's basic level (constant
+folding, redundant-node removal) with its QDQ transformations turned off (the session option
+``session.disable_quant_qdq``), so the graph runs as exported and reproduces the PyTorch model to
+float rounding. onnxruntime's own levels change what is computed: already ``"basic"`` quantizes
+the float bias of a ``DequantizeLinear -> Conv`` to int32 at the scale ``s_in * s_w`` (its QDQ
+bias quantization; 35-40 dB from PyTorch on the demo model), and ``"extended"``/``"all"`` (its
+default) fuse ``DequantizeLinear -> Conv/Gemm -> QuantizeLinear`` into integer kernels that
+requantize in one step (QLinearConv, QGemm) and rewrite attention, LayerNorm and GELU subgraphs
+(~17 dB lost on timm's LeViT and EfficientViT, issue 12). They stay available
+(``optimization="all"``) for speed; :func:`resq_brevitas.export` measures every level on the
+example frame (``manifest.parity``) and warns about a level that is not faithful.
 
 Models that return a dict, tuple or list per frame get the same structure back from
 :meth:`OnnxStream.step` and :meth:`OnnxStream.run` (with numpy leaves), rebuilt from
@@ -56,10 +59,14 @@ __all__ = [
 _BACKENDS = ("onnxruntime", "qonnx")
 #: The backend that runs each export format's step graphs.
 BACKEND_OF_FORMAT = MappingProxyType({"qcdq": "onnxruntime", "qonnx": "qonnx"})
-#: onnxruntime graph optimisation levels :class:`OnnxStream` accepts.
-OPTIMIZATIONS = ("disable", "basic", "extended", "all")
-#: The faithful level (the graph as exported): :class:`OnnxStream`'s default.
-DEFAULT_OPTIMIZATION = "basic"
+#: onnxruntime graph optimisation levels :class:`OnnxStream` accepts: ``"faithful"`` (onnxruntime's
+#: basic level with its QDQ transformations off) and onnxruntime's own four levels.
+OPTIMIZATIONS = ("faithful", "disable", "basic", "extended", "all")
+#: The level that computes what the exported graph says: :class:`OnnxStream`'s default.
+DEFAULT_OPTIMIZATION = "faithful"
+#: The onnxruntime session option that turns off its QDQ transformations (bias quantization,
+#: QLinear* fusions); the graph's QuantizeLinear/DequantizeLinear then run as written.
+_NO_QDQ_TRANSFORMS = ("session.disable_quant_qdq", "1")
 
 
 @contextmanager
@@ -115,10 +122,11 @@ class OnnxStream:
         backend: ``"onnxruntime"`` or ``"qonnx"`` (``execute_onnx``); ``None`` (default) picks
             the one for the manifest's format (:data:`BACKEND_OF_FORMAT`).
         providers: onnxruntime execution providers (default: CPU).
-        optimization: onnxruntime graph optimization level: ``"disable"``, ``"basic"``
-            (default: the graph as exported, faithful to PyTorch), ``"extended"`` or ``"all"``
-            (onnxruntime's own default, which fuses kernels and may round differently; see
-            ``manifest.parity`` for what it did on the example frame).
+        optimization: ``"faithful"`` (default: the graph as exported, faithful to PyTorch;
+            onnxruntime's basic level without its QDQ transformations) or one of onnxruntime's
+            levels ``"disable"``, ``"basic"``, ``"extended"``, ``"all"`` (its own default),
+            which quantize biases and fuse integer kernels that round differently; see
+            ``manifest.parity`` for what each did on the example frame.
 
     Raises:
         FileNotFoundError: If the manifest or a graph file is missing.
@@ -167,12 +175,15 @@ class OnnxStream:
         if self.backend == "onnxruntime":
             import onnxruntime as ort
 
-            levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            levels = {"faithful": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                      "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
                       "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                       "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                       "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
             options = ort.SessionOptions()
             options.graph_optimization_level = levels[self.optimization]
+            if self.optimization == "faithful":
+                options.add_session_config_entry(*_NO_QDQ_TRANSFORMS)
             session = ort.InferenceSession(str(path), options,
                                            providers=providers or ["CPUExecutionProvider"])
             names = [o.name for o in session.get_outputs()]
