@@ -38,6 +38,15 @@ modules with the same semantics. Shapes are static (those of
 ``example_frame``); all batch rows of one call share the keyframe phase. Both reference modes
 and RRM truncation are exported; Dynamic-ResQ pools (a per-pixel choice at run time) and refresh
 policies (host-side keyframe decisions) are not.
+
+What real architectures hold: a model output that is a dict/tuple/list becomes one graph output
+per leaf (:mod:`resq_brevitas.deploy.outputs`; ``output`` above stands for them). The opset is
+the lowest from :data:`MIN_OPSET` that the graphs need (torch's ``UnsupportedOperatorError``
+names the opset that adds an operator; the export is retried there, up to :data:`MAX_OPSET`),
+or the one asked for; torch's exporter prints the TorchScript graph of a failed attempt to
+stderr, which is noise here. ``nn.MultiheadAttention`` left in float takes torch's exportable
+path in the private copy (:class:`_ExportableMultiheadAttention`). After writing, the graphs are
+checked against PyTorch on the example frame (:mod:`resq_brevitas.deploy.parity`).
 """
 
 from __future__ import annotations
