@@ -6,7 +6,9 @@ runtime, and unrolled clips for FX-graph-mode QAT.
   explicit state, torch.fx or eager), :func:`export_program` (torch.export);
 - :mod:`~resq_brevitas.deploy.onnx_export`: :func:`export` (QONNX / QCDQ graphs + manifest);
 - :mod:`~resq_brevitas.deploy.manifest`: :class:`Manifest` (written and read by the same code);
+- :mod:`~resq_brevitas.deploy.outputs`: dict/tuple/list model outputs as flat graph outputs;
 - :mod:`~resq_brevitas.deploy.runtime`: :class:`OnnxStream` (the host loop over the graphs);
+- :mod:`~resq_brevitas.deploy.parity`: the export's check of the graphs against PyTorch;
 - :mod:`~resq_brevitas.deploy.unroll`: :func:`unroll` (a float clip for ``prepare_qat_fx``).
 
 onnx, onnxruntime and qonnx are imported only when a function needs them.
@@ -14,8 +16,10 @@ onnx, onnxruntime and qonnx are imported only when a function needs them.
 
 from resq_brevitas.deploy.artifacts import ARTIFACT_FORMATS, export_artifacts
 from resq_brevitas.deploy.manifest import MANIFEST_NAME, MANIFEST_VERSION, Manifest
-from resq_brevitas.deploy.onnx_export import FORMATS, export
-from resq_brevitas.deploy.runtime import OnnxStream, qonnx_ir_compat
+from resq_brevitas.deploy.onnx_export import FORMATS, MAX_OPSET, MIN_OPSET, export
+from resq_brevitas.deploy.outputs import flatten_output, rebuild_output
+from resq_brevitas.deploy.parity import MIN_FAITHFUL_SQNR_DB
+from resq_brevitas.deploy.runtime import DEFAULT_OPTIMIZATION, OnnxStream, qonnx_ir_compat
 from resq_brevitas.deploy.step_modules import KeyframeStep, ResidualStep, StateSpec, StepGraphs
 from resq_brevitas.deploy.steps import (
     export_program,
@@ -28,9 +32,13 @@ from resq_brevitas.deploy.unroll import RESIDUAL_PREFIX, export_unrolled, unroll
 
 __all__ = [
     "ARTIFACT_FORMATS",
+    "DEFAULT_OPTIMIZATION",
     "FORMATS",
     "MANIFEST_NAME",
     "MANIFEST_VERSION",
+    "MAX_OPSET",
+    "MIN_FAITHFUL_SQNR_DB",
+    "MIN_OPSET",
     "RESIDUAL_PREFIX",
     "KeyframeStep",
     "Manifest",
@@ -43,8 +51,10 @@ __all__ = [
     "export_artifacts",
     "export_program",
     "export_unrolled",
+    "flatten_output",
     "qonnx_ir_compat",
     "quant_tensors_disabled",
+    "rebuild_output",
     "step_graphs",
     "step_modules",
     "symbolic_trace",

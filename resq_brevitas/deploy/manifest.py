@@ -70,19 +70,25 @@ class Manifest:
         config: The model's :meth:`ResQConfig.to_dict`.
         scheme: The notation (with per-layer overrides).
         input: The frame input.
-        output: The model output.
+        output: The model output (its first leaf when the model returns a dict, tuple or list).
+        outputs: Every leaf of the model output, in graph order (one entry for a tensor).
+        output_structure: How the leaves make up the output per frame
+            (:mod:`resq_brevitas.deploy.outputs`: dict keys, tuple/list positions).
         state: The state tensors in graph order.
         keyframe: The keyframe graph's inputs and outputs.
         residual: The residual graph's, or ``None`` under frame quantization.
         reference: ``"keyframe"`` or ``"previous"``.
         threshold: RRM truncation ``eps``.
-        opset: ONNX opset of the standard domain.
+        opset: ONNX opset of the standard domain (the lowest the graphs need, or the one asked
+            for; :func:`resq_brevitas.export`).
         exporter: How the graphs were produced.
         graph_source: ``"torch.fx"`` or ``"eager"`` step modules.
         refresh_not_exported: Refresh policies the host loop does not run (fixed period only).
         how_to_drive: The host loop in words.
         finn: QONNX graphs: per graph, what :func:`resq_brevitas.deploy.finn.prepare_for_finn`
             did and what FINN maps only to floating-point layers.
+        parity: What the export's check measured (:func:`resq_brevitas.deploy.parity.
+            check_export`): the graphs against PyTorch on the example frame, per backend level.
         extra: Format-specific fields (``fx``: call sites for a ``QConfigMapping``).
         version: :data:`MANIFEST_VERSION`.
     """
@@ -94,6 +100,8 @@ class Manifest:
     scheme: str = ""
     input: TensorEntry | None = None
     output: TensorEntry | None = None
+    outputs: list[TensorEntry] = field(default_factory=list)
+    output_structure: dict[str, Any] | None = None
     state: list[TensorEntry] = field(default_factory=list)
     keyframe: GraphIO | None = None
     residual: GraphIO | None = None
@@ -105,8 +113,16 @@ class Manifest:
     refresh_not_exported: list[str] = field(default_factory=list)
     how_to_drive: list[str] = field(default_factory=list)
     finn: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     version: int = MANIFEST_VERSION
+
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the model output's leaves, in graph order (``outputs``, else ``output``)."""
+        if self.outputs:
+            return [entry.name for entry in self.outputs]
+        return [self.output.name] if self.output is not None else []
 
     @property
     def state_names(self) -> list[str]:
@@ -146,7 +162,8 @@ class Manifest:
         for key in ("input", "output"):
             if values.get(key) is not None:
                 values[key] = TensorEntry(**values[key])
-        values["state"] = [TensorEntry(**entry) for entry in values.get("state", [])]
+        for key in ("state", "outputs"):
+            values[key] = [TensorEntry(**entry) for entry in values.get(key, [])]
         for key in ("keyframe", "residual"):
             if values.get(key) is not None:
                 values[key] = GraphIO(**values[key])

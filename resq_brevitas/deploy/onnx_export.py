@@ -38,12 +38,23 @@ modules with the same semantics. Shapes are static (those of
 ``example_frame``); all batch rows of one call share the keyframe phase. Both reference modes
 and RRM truncation are exported; Dynamic-ResQ pools (a per-pixel choice at run time) and refresh
 policies (host-side keyframe decisions) are not.
+
+What real architectures hold: a model output that is a dict/tuple/list becomes one graph output
+per leaf (:mod:`resq_brevitas.deploy.outputs`; ``output`` above stands for them). The opset is
+the lowest from :data:`MIN_OPSET` that the graphs need (torch's ``UnsupportedOperatorError``
+names the opset that adds an operator; the export is retried there, up to :data:`MAX_OPSET`),
+or the one asked for; torch's exporter prints the TorchScript graph of a failed attempt to
+stdout (its ONNX log), which is noise here. ``nn.MultiheadAttention`` left in float takes torch's exportable
+path in the private copy (:class:`_ExportableMultiheadAttention`). After writing, the graphs are
+checked against PyTorch on the example frame (:mod:`resq_brevitas.deploy.parity`).
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import re
+import shutil
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,18 +65,34 @@ from torch import Tensor, nn
 
 from resq_brevitas.checks import check_frame
 from resq_brevitas.deploy.manifest import GraphIO, Manifest, TensorEntry
+from resq_brevitas.deploy.outputs import OUTPUT_NAME, FlatOutputs, flatten_output, leaf_names
 from resq_brevitas.deploy.steps import _check_model as _check_steps
 from resq_brevitas.deploy.steps import step_modules
 from resq_brevitas.temporal.model import ResQModel
 
-__all__ = ["FORMATS", "FRAME_NAME", "OPSET", "OUTPUT_NAME", "STATE_OUT_SUFFIX", "export"]
+__all__ = [
+    "FORMATS",
+    "FRAME_NAME",
+    "MAX_OPSET",
+    "MIN_OPSET",
+    "OPSET",
+    "OUTPUT_NAME",
+    "STATE_OUT_SUFFIX",
+    "export",
+]
 
 #: Formats :func:`export` writes.
 FORMATS = ("qonnx", "qcdq")
-#: ONNX opset of the standard domain.
-OPSET = 13
+#: The lowest ONNX opset of the standard domain, and the first one :func:`export` tries:
+#: per-channel ``QuantizeLinear``/``DequantizeLinear`` (Brevitas's QCDQ weights) need 13.
+MIN_OPSET = 13
+#: Kept for callers of earlier releases: the first opset tried (:data:`MIN_OPSET`).
+OPSET = MIN_OPSET
+#: The highest opset :func:`export` uses: the newest the TorchScript ``torch.onnx.export`` of
+#: torch 2.13 writes (onnxruntime 1.32 and qonnx's node-by-node execution run up to 23;
+#: ``tests/deploy/test_export_graphs.py`` runs an export at this opset in both).
+MAX_OPSET = 20
 FRAME_NAME = "frame"
-OUTPUT_NAME = "output"
 #: Suffix of the residual graph's state outputs (ONNX names are unique per graph).
 STATE_OUT_SUFFIX = "_out"
 
@@ -128,7 +155,7 @@ def _managers(format: str) -> tuple[type, dict[str, Any]]:
 
 
 def _onnx_export(format: str, module: nn.Module, args: tuple[Tensor, ...], path: Path,
-                 input_names: list[str], output_names: list[str]) -> None:
+                 input_names: list[str], output_names: list[str], opset: int) -> None:
     """Run ``torch.onnx.export`` (TorchScript) with Brevitas's export handlers attached.
 
     ``module`` is a private deep copy: handlers and export flags stay on it.
@@ -150,13 +177,115 @@ def _onnx_export(format: str, module: nn.Module, args: tuple[Tensor, ...], path:
         module.apply(lambda m: _override_act_caching_mode(m, enabled=False))
         try:
             torch.onnx.export(
-                module, args, str(path), dynamo=False, opset_version=OPSET,
+                module, args, str(path), dynamo=False, opset_version=opset,
                 input_names=input_names, output_names=output_names,
                 keep_initializers_as_inputs=False, do_constant_folding=True, **kwargs,
             )
         finally:
             module.apply(_restore_act_caching_mode)
             manager.set_export_mode(module, enabled=False)
+
+
+class _ExportableMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` that never takes its fused fast path (for export only).
+
+    Under ``no_grad`` in eval mode, ``nn.MultiheadAttention.forward`` calls
+    ``torch._native_multi_head_attention``, which has no ONNX form. One of the fast path's
+    documented conditions is that autograd is off or no argument requires grad; this forward
+    runs the stock one with grad enabled (thread-local, scoped to the call) on parameters that
+    require grad, so torch takes its own exportable path (``F.multi_head_attention_forward``)
+    with the same arguments and semantics. Only private export copies get this class
+    (:func:`_exportable_attention`); ``torch.backends.mha``'s global switch is not touched.
+    """
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.enable_grad():
+            return super().forward(*args, **kwargs)
+
+
+def _exportable_attention(module: nn.Module) -> list[str]:
+    """Make every ``nn.MultiheadAttention`` in a private export copy take the exportable path.
+
+    Returns the names of the modules changed (for the manifest).
+    """
+    changed = []
+    for name, child in module.named_modules():
+        if type(child) is nn.MultiheadAttention:
+            child.__class__ = _ExportableMultiheadAttention
+            for param in child.parameters():  # the private copy only: the fast path's test
+                param.requires_grad_(True)
+            changed.append(name)
+    return changed
+
+
+_ADDED_IN = re.compile(r"added in version (\d+)")
+
+
+def _needed_opset(err: BaseException, opset: int) -> int | None:
+    """The opset an export error asks for, or ``None`` if it is not about the opset.
+
+    torch's ``UnsupportedOperatorError`` says "Support for this operator was added in version
+    N" when a newer opset has the operator.
+    """
+    from torch.onnx.errors import UnsupportedOperatorError
+
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, UnsupportedOperatorError):
+            match = _ADDED_IN.search(str(seen))
+            return int(match.group(1)) if match and int(match.group(1)) > opset else None
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _check_opset(opset: Any) -> int | None:
+    if opset is None:
+        return None
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise TypeError(f"opset must be an int in [{MIN_OPSET}, {MAX_OPSET}] or None, got "
+                        f"{type(opset).__name__} {opset!r}")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"opset must be in [{MIN_OPSET}, {MAX_OPSET}] (QCDQ weights need "
+                         f"{MIN_OPSET}; torch's TorchScript exporter writes up to {MAX_OPSET}), "
+                         f"got {opset}")
+    return opset
+
+
+def _export_graphs(format: str, jobs: list[tuple[nn.Module, tuple[Tensor, ...], Path,
+                                                 list[str], list[str]]],
+                   opset: int | None) -> int:
+    """Export every graph of ``jobs`` at one opset; returns it.
+
+    With ``opset=None`` the lowest opset from :data:`MIN_OPSET` that every graph needs: an
+    operator torch exports only from a newer opset (``scaled_dot_product_attention``: 14,
+    ``grid_sampler``: 16) moves all graphs to that opset, up to :data:`MAX_OPSET`.
+
+    Raises:
+        ValueError: An operator that has no ONNX form at the opset asked for, or at any opset
+            up to :data:`MAX_OPSET` (the message names it).
+    """
+    current = opset if opset is not None else MIN_OPSET
+    while True:
+        try:
+            for job in jobs:
+                _onnx_export(format, *job, current)
+            return current
+        except Exception as err:
+            needed = _needed_opset(err, current)
+            if needed is None:
+                from torch.onnx.errors import UnsupportedOperatorError
+
+                if isinstance(err, UnsupportedOperatorError):
+                    raise ValueError(f"the model cannot be exported: {str(err).splitlines()[0]}"
+                                     ) from err
+                raise
+            if opset is not None or needed > MAX_OPSET:
+                why = (f"opset={opset} was asked for" if opset is not None
+                       else f"export writes opsets up to {MAX_OPSET}")
+                raise ValueError(
+                    f"the model needs ONNX opset {needed} ({str(err).splitlines()[0]}); {why}"
+                ) from err
+            current = needed
 
 
 def _cleanup_qonnx(path: Path) -> None:
@@ -207,18 +336,24 @@ def _tensor_entry(name: str, tensor: Tensor, layer: str | None = None,
                        kind)
 
 
-def _recipe(period: int, has_residual: bool, n_state: int) -> list[str]:
+def _recipe(period: int, has_residual: bool, n_state: int, outputs: list[str]) -> list[str]:
+    n = len(outputs)
+    if n == 1:
+        read = f"y = outputs[0] ('{outputs[0]}')"
+    else:
+        read = (f"y = outputs[:{n}] ({outputs}; rebuild the model's output from "
+                "'output_structure')")
     if not has_residual:
         return [
             "Every frame is a keyframe (frame quantization): for each frame run "
-            f"keyframe.onnx with {{'{FRAME_NAME}': frame}} and read '{OUTPUT_NAME}'.",
+            f"keyframe.onnx with {{'{FRAME_NAME}': frame}}; {read}.",
         ]
     return [
         "Keep a frame counter t (starting at 0) and the state list S in the host program.",
         f"If t % {period} == 0: outputs = keyframe.onnx.run({{'{FRAME_NAME}': frame}}).",
         f"Otherwise: outputs = residual.onnx.run({{'{FRAME_NAME}': frame, "
         "state[i].name: S[i] for each i}).",
-        f"y = outputs[0] ('{OUTPUT_NAME}'); S = outputs[1:] ({n_state} tensors, in the order of "
+        f"{read}; S = outputs[{n}:] ({n_state} tensors, in the order of "
         "'state'; the residual graph returns the next references in the 'previous' reference "
         "mode and its inputs unchanged in the 'keyframe' mode); t += 1.",
         "Start a new stream by resetting t to 0. All batch rows of a call share the phase.",
@@ -227,8 +362,16 @@ def _recipe(period: int, has_residual: bool, n_state: int) -> list[str]:
 
 
 def export(qm: ResQModel, example_frame: Tensor, out_dir: str | os.PathLike[str],
-           format: str = "qcdq", *, finn: bool = True) -> Manifest:
+           format: str = "qcdq", *, finn: bool = True, opset: int | None = None,
+           check: bool = True) -> Manifest:
     """Export a calibrated ResQ model as keyframe/residual ONNX graphs plus ``manifest.json``.
+
+    The model may return a tensor or a dict / tuple / list of tensors per frame: the graphs
+    output every leaf (``output``, or ``output.<key>`` / ``output.<i>``), ``manifest.outputs``
+    names them and ``manifest.output_structure`` says how to rebuild the output
+    (:mod:`resq_brevitas.deploy.outputs`; :class:`~resq_brevitas.deploy.OnnxStream` does).
+    ``nn.MultiheadAttention`` modules left in float are exported through torch's exportable
+    attention path, not the fused fast path it takes under ``no_grad``.
 
     Args:
         qm: A calibrated :class:`~resq_brevitas.ResQModel` (not modified).
@@ -239,20 +382,33 @@ def export(qm: ResQModel, example_frame: Tensor, out_dir: str | os.PathLike[str]
             DequantizeLinear, for onnxruntime; bits <= 8).
         finn: ``format="qonnx"``: rewrite the graphs so that FINN's builder takes them (exact;
             see the module docstring). ``False`` writes Brevitas's QONNX graphs as they are.
+        opset: ONNX opset of the standard domain, in [:data:`MIN_OPSET`, :data:`MAX_OPSET`];
+            ``None`` (default): the lowest the graphs need (13, or 14 for
+            ``scaled_dot_product_attention``, 16 for ``grid_sample``, ...). Recorded in
+            ``manifest.opset``.
+        check: Run the written graphs on the example frame (a keyframe, then a residual frame)
+            and compare with PyTorch (:mod:`resq_brevitas.deploy.parity`): the result, per
+            onnxruntime optimisation level for ``qcdq``, goes to ``manifest.parity``, and a
+            level that is not faithful is reported with a warning.
 
     Returns:
         The :class:`~resq_brevitas.deploy.manifest.Manifest` (also written to
         ``out_dir/manifest.json``).
 
     Raises:
-        TypeError: If ``qm`` is not a ResQModel, or ``example_frame``/``format`` has a wrong type.
+        TypeError: If ``qm`` is not a ResQModel, or ``example_frame``/``format``/``opset``/
+            ``finn``/``check`` has a wrong type.
         ValueError: If ``qm`` is not calibrated, ``example_frame`` does not fit the model,
-            ``format`` is unknown, or ``qcdq`` is asked for bit widths above 8.
+            ``format`` is unknown, ``qcdq`` is asked for bit widths above 8, the output is not
+            made of tensors, or an operator has no ONNX form at the opset asked for (or at
+            any opset up to :data:`MAX_OPSET`). Nothing is left in a new ``out_dir``.
     """
     check_exportable(qm)
     format = _check_format(format, FORMATS)
-    if not isinstance(finn, bool):
-        raise TypeError(f"finn must be a bool, got {type(finn).__name__} {finn!r}")
+    for flag, value in (("finn", finn), ("check", check)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be a bool, got {type(value).__name__} {value!r}")
+    opset = _check_opset(opset)
     check_example_frame(qm, example_frame)
     if format == "qcdq":
         _check_qcdq_bits(qm)
@@ -273,30 +429,36 @@ def export(qm: ResQModel, example_frame: Tensor, out_dir: str | os.PathLike[str]
         raise ValueError(
             f"example_frame of shape {tuple(frame.shape)} does not run through the model: {err}"
         ) from err
-    if not isinstance(key_out[0], Tensor):
-        raise ValueError(
-            "export needs a model that returns one tensor per frame, got "
-            f"{type(key_out[0]).__name__}"
-        )
+    leaves, structure = flatten_output(key_out[0])
+    attention = sorted({name for module in (key, res) if module is not None
+                        for name in _exportable_attention(module)})
 
     names = [spec.name for spec in steps.state]
     out_names = [n + STATE_OUT_SUFFIX for n in names]
-    out.mkdir(parents=True, exist_ok=True)
+    outputs = leaf_names(structure)
     files = {"keyframe": "keyframe.onnx"}
-    _onnx_export(format, key, (frame,), out / files["keyframe"], [FRAME_NAME],
-                 [OUTPUT_NAME, *names])
+    jobs = [(FlatOutputs(key), (frame,), out / files["keyframe"], [FRAME_NAME],
+             [*outputs, *names])]
     if res is not None:
         files["residual"] = "residual.onnx"
-        _onnx_export(format, res, (frame, *key_out[1:]), out / files["residual"],
-                     [FRAME_NAME, *names], [OUTPUT_NAME, *out_names])
-    reports: dict[str, Any] = {}
-    for kind, path in files.items():
-        if format == "qonnx":
-            _cleanup_qonnx(out / path)
-            if finn:
-                reports[kind] = _prepare_for_finn(out / path)
-        else:
-            _check_onnx(out / path)
+        jobs.append((FlatOutputs(res), (frame, *key_out[1:]), out / files["residual"],
+                     [FRAME_NAME, *names], [*outputs, *out_names]))
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        used_opset = _export_graphs(format, jobs, opset)
+        reports: dict[str, Any] = {}
+        for kind, path in files.items():
+            if format == "qonnx":
+                _cleanup_qonnx(out / path)
+                if finn:
+                    reports[kind] = _prepare_for_finn(out / path)
+            else:
+                _check_onnx(out / path)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
     refresh = [repr(r) for r in qm.config.adaptive_refresh]
     if refresh:
@@ -312,25 +474,33 @@ def export(qm: ResQModel, example_frame: Tensor, out_dir: str | os.PathLike[str]
         config=qm.config.to_dict(),
         scheme=qm.notation,
         input=_tensor_entry(FRAME_NAME, frame),
-        output=_tensor_entry(OUTPUT_NAME, key_out[0]),
+        output=_tensor_entry(outputs[0], leaves[0]),
+        outputs=[_tensor_entry(name, leaf) for name, leaf in zip(outputs, leaves)],
+        output_structure=structure,
         state=[_tensor_entry(spec.name, t, spec.layer, spec.kind)
                for spec, t in zip(steps.state, key_out[1:])],
-        keyframe=GraphIO([FRAME_NAME], [OUTPUT_NAME, *names],
+        keyframe=GraphIO([FRAME_NAME], [*outputs, *names],
                          reports.get("keyframe", {}).get("aliases", {})),
-        residual=(GraphIO([FRAME_NAME, *names], [OUTPUT_NAME, *out_names],
+        residual=(GraphIO([FRAME_NAME, *names], [*outputs, *out_names],
                           reports.get("residual", {}).get("aliases", {}))
                   if res is not None else None),
         reference=qm.config.reference,
         threshold=qm.mode.threshold,
-        opset=OPSET,
+        opset=used_opset,
         exporter="torch.onnx.export(dynamo=False) + Brevitas "
                  + ("QONNXManager handlers, qonnx cleanup" if format == "qonnx"
                     else "StdQCDQONNXManager handlers"),
         graph_source=steps.source,
         refresh_not_exported=refresh,
-        how_to_drive=_recipe(qm.period, res is not None, len(names)),
+        how_to_drive=_recipe(qm.period, res is not None, len(names), outputs),
         finn={kind: {k: v for k, v in report.items() if k != "aliases"}
               for kind, report in reports.items()},
+        extra={"attention_exportable_path": attention} if attention else {},
     )
     manifest.write(out)
+    if check:
+        from resq_brevitas.deploy.parity import check_export
+
+        manifest.parity = check_export(out, manifest, key, res, frame)
+        manifest.write(out)
     return manifest

@@ -14,10 +14,21 @@ onnxruntime (``backend="onnxruntime"``), ``qonnx`` graphs (``Quant`` nodes, whic
 not know) node by node with ``qonnx.core.onnx_exec.execute_onnx`` (``backend="qonnx"``, as FINN's
 reference execution does). ``backend=`` overrides the choice.
 
-onnxruntime's ``extended``/``all`` graph optimizations fuse ``DequantizeLinear -> Conv ->
-QuantizeLinear`` into integer kernels (QLinearConv) that requantize in one step; their rounding can
-differ from the float graph by an output LSB now and then. ``optimization="basic"`` keeps the
-graph as exported and reproduces the PyTorch model to float rounding.
+The default onnxruntime optimisation is ``"faithful"``: onnxruntime's basic level (constant
+folding, redundant-node removal) with its QDQ transformations turned off (the session option
+``session.disable_quant_qdq``), so the graph runs as exported and reproduces the PyTorch model to
+float rounding. onnxruntime's own levels change what is computed: already ``"basic"`` quantizes
+the float bias of a ``DequantizeLinear -> Conv`` to int32 at the scale ``s_in * s_w`` (its QDQ
+bias quantization; 35-40 dB from PyTorch on the demo model), and ``"extended"``/``"all"`` (its
+default) fuse ``DequantizeLinear -> Conv/Gemm -> QuantizeLinear`` into integer kernels that
+requantize in one step (QLinearConv, QGemm) and rewrite attention, LayerNorm and GELU subgraphs
+(~17 dB lost on timm's LeViT and EfficientViT, issue 12). They stay available
+(``optimization="all"``) for speed; :func:`resq_brevitas.export` measures every level on the
+example frame (``manifest.parity``) and warns about a level that is not faithful.
+
+Models that return a dict, tuple or list per frame get the same structure back from
+:meth:`OnnxStream.step` and :meth:`OnnxStream.run` (with numpy leaves), rebuilt from
+``manifest.output_structure``.
 """
 
 from __future__ import annotations
@@ -33,14 +44,29 @@ import numpy as np
 
 from resq_brevitas.deploy.finn import restore_aliases
 from resq_brevitas.deploy.manifest import Manifest
+from resq_brevitas.deploy.outputs import rebuild_output
 from resq_brevitas.temporal.schedule import KeyframeSchedule
 
-__all__ = ["BACKEND_OF_FORMAT", "OnnxStream", "backend_for", "qonnx_ir_compat"]
+__all__ = [
+    "BACKEND_OF_FORMAT",
+    "DEFAULT_OPTIMIZATION",
+    "OPTIMIZATIONS",
+    "OnnxStream",
+    "backend_for",
+    "qonnx_ir_compat",
+]
 
 _BACKENDS = ("onnxruntime", "qonnx")
 #: The backend that runs each export format's step graphs.
 BACKEND_OF_FORMAT = MappingProxyType({"qcdq": "onnxruntime", "qonnx": "qonnx"})
-_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
+#: onnxruntime graph optimisation levels :class:`OnnxStream` accepts: ``"faithful"`` (onnxruntime's
+#: basic level with its QDQ transformations off) and onnxruntime's own four levels.
+OPTIMIZATIONS = ("faithful", "disable", "basic", "extended", "all")
+#: The level that computes what the exported graph says: :class:`OnnxStream`'s default.
+DEFAULT_OPTIMIZATION = "faithful"
+#: The onnxruntime session option that turns off its QDQ transformations (bias quantization,
+#: QLinear* fusions); the graph's QuantizeLinear/DequantizeLinear then run as written.
+_NO_QDQ_TRANSFORMS = ("session.disable_quant_qdq", "1")
 
 
 @contextmanager
@@ -96,8 +122,11 @@ class OnnxStream:
         backend: ``"onnxruntime"`` or ``"qonnx"`` (``execute_onnx``); ``None`` (default) picks
             the one for the manifest's format (:data:`BACKEND_OF_FORMAT`).
         providers: onnxruntime execution providers (default: CPU).
-        optimization: onnxruntime graph optimization level: ``"disable"``, ``"basic"``,
-            ``"extended"`` or ``"all"`` (onnxruntime's default).
+        optimization: ``"faithful"`` (default: the graph as exported, faithful to PyTorch;
+            onnxruntime's basic level without its QDQ transformations) or one of onnxruntime's
+            levels ``"disable"``, ``"basic"``, ``"extended"``, ``"all"`` (its own default),
+            which quantize biases and fuse integer kernels that round differently; see
+            ``manifest.parity`` for what each did on the example frame.
 
     Raises:
         FileNotFoundError: If the manifest or a graph file is missing.
@@ -105,12 +134,13 @@ class OnnxStream:
     """
 
     def __init__(self, out_dir: str | os.PathLike[str], backend: str | None = None,
-                 providers: list[str] | None = None, optimization: str = "all") -> None:
+                 providers: list[str] | None = None,
+                 optimization: str = DEFAULT_OPTIMIZATION) -> None:
         if backend is not None and backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS} or None, got {backend!r}")
-        if optimization not in _OPTIMIZATIONS:
+        if optimization not in OPTIMIZATIONS:
             raise ValueError(
-                f"optimization must be one of {_OPTIMIZATIONS}, got {optimization!r}"
+                f"optimization must be one of {OPTIMIZATIONS}, got {optimization!r}"
             )
         self.optimization = optimization
         self.out_dir = Path(out_dir)
@@ -124,6 +154,9 @@ class OnnxStream:
         self.frame_name = self.manifest.input.name
         self.frame_shape = tuple(self.manifest.input.shape)
         self.state_names = self.manifest.state_names
+        #: Names of the model output's leaves (graph outputs before the state).
+        self.output_names = self.manifest.output_names or ["output"]
+        self.output_structure = self.manifest.output_structure
         self._runners = {kind: self._open(kind, self.out_dir / name, providers)
                          for kind, name in self.manifest.files.items()}
         self.t = 0
@@ -142,12 +175,15 @@ class OnnxStream:
         if self.backend == "onnxruntime":
             import onnxruntime as ort
 
-            levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            levels = {"faithful": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                      "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
                       "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                       "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                       "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
             options = ort.SessionOptions()
             options.graph_optimization_level = levels[self.optimization]
+            if self.optimization == "faithful":
+                options.add_session_config_entry(*_NO_QDQ_TRANSFORMS)
             session = ort.InferenceSession(str(path), options,
                                            providers=providers or ["CPUExecutionProvider"])
             names = [o.name for o in session.get_outputs()]
@@ -180,15 +216,40 @@ class OnnxStream:
         """Whether the next :meth:`step` runs the keyframe graph."""
         return self.schedule.is_keyframe(self.t) or "residual" not in self._runners
 
-    def step(self, frame: Any) -> np.ndarray:
+    def run_graph(self, kind: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run one graph (``"keyframe"`` or ``"residual"``) on named inputs, outside the loop.
+
+        Returns every output in the manifest's order (the output leaves, then the state), aliases
+        re-created; the stream's counter and state are not touched.
+
+        Raises:
+            ValueError: An unknown ``kind``.
+        """
+        if kind not in self._runners:
+            raise ValueError(f"kind must be one of {tuple(self._runners)}, got {kind!r}")
+        return self._runners[kind](feeds)
+
+    def _output(self, leaves: list[np.ndarray]) -> Any:
+        if self.output_structure is None:
+            return leaves[0]
+        return rebuild_output(self.output_structure, leaves)
+
+    def step(self, frame: Any) -> Any:
         """Run one frame; returns the model output for it.
 
         Args:
             frame: ``[B, C, ...]`` float array (or torch tensor) of the exported shape.
 
+        Returns:
+            A numpy array, or the model's dict/tuple/list of arrays (``manifest.output_structure``).
+
         Raises:
             ValueError: If the frame's shape differs from the exported one.
         """
+        return self._output(self._step_leaves(frame))
+
+    def _step_leaves(self, frame: Any) -> list[np.ndarray]:
+        """One frame of the host loop; the output leaves in graph order."""
         x = _as_numpy(frame)
         if tuple(x.shape) != self.frame_shape:
             raise ValueError(
@@ -199,12 +260,14 @@ class OnnxStream:
         else:
             feeds = {self.frame_name: x, **dict(zip(self.state_names, self.state))}
             outputs = self._runners["residual"](feeds)
-        self.state = list(outputs[1:])
+        n = len(self.output_names)
+        self.state = list(outputs[n:])
         self.t += 1
-        return outputs[0]
+        return list(outputs[:n])
 
-    def run(self, video: Any) -> np.ndarray:
-        """Run a fresh clip ``[B, T, C, ...]``; outputs stacked on dim 1 (like ``ResQModel``)."""
+    def run(self, video: Any) -> Any:
+        """Run a fresh clip ``[B, T, C, ...]``; outputs stacked on dim 1 (like ``ResQModel``),
+        leaf by leaf for dict/tuple/list outputs."""
         v = _as_numpy(video)
         if v.ndim != len(self.frame_shape) + 1:
             raise ValueError(
@@ -212,7 +275,9 @@ class OnnxStream:
                 f"{tuple(v.shape)}"
             )
         self.reset()
-        return np.stack([self.step(v[:, t]) for t in range(v.shape[1])], axis=1)
+        n = len(self.output_names)
+        frames = [self._step_leaves(v[:, t]) for t in range(v.shape[1])]
+        return self._output([np.stack([f[i] for f in frames], axis=1) for i in range(n)])
 
 
 def _as_numpy(value: Any) -> np.ndarray:

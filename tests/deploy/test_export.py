@@ -125,12 +125,13 @@ def assert_stream_matches(out: np.ndarray, reference: np.ndarray, step: float) -
 
 def test_qcdq_stream_in_onnxruntime_matches_pytorch(qm, video, reference, tmp_path):
     manifest = export(qm, video[:, 0], tmp_path, format="qcdq")
-    # "basic" runs the graph as exported: it must reproduce PyTorch to float rounding.
-    assert_stream_matches(OnnxStream(tmp_path, optimization="basic").run(video), reference,
+    # The default ("faithful") runs the graph as exported: it must reproduce PyTorch to float
+    # rounding.
+    assert_stream_matches(OnnxStream(tmp_path).run(video), reference,
                           output_step(qm))
     # onnxruntime's default fuses Q/DQ around convs into integer kernels; their requantization
     # may round an intermediate value differently, bounded here by one residual output step.
-    stream = OnnxStream(tmp_path)
+    stream = OnnxStream(tmp_path, optimization="all")
     out = stream.run(video)
     assert np.abs(out - reference).max() <= output_step(qm, "residual")
     ops = {n.op_type for f in ("keyframe", "residual")
@@ -232,7 +233,7 @@ def test_model_torch_fx_cannot_trace_exports_through_eager_steps(video, tmp_path
     assert manifest.graph_source == "eager"
     with torch.no_grad():
         reference = qm(video).numpy()
-    out = OnnxStream(tmp_path, optimization="basic").run(video)
+    out = OnnxStream(tmp_path).run(video)
     assert_stream_matches(out, reference, output_step(qm))
 
 
@@ -244,7 +245,7 @@ def test_previous_reference_mode_exports_advancing_state(video, tmp_path):
     assert manifest.reference == "previous" and manifest.threshold == 0.02
     with torch.no_grad():
         reference = qm(video).numpy()
-    out = OnnxStream(tmp_path, optimization="basic").run(video)
+    out = OnnxStream(tmp_path).run(video)
     assert_stream_matches(out, reference, output_step(qm))
     # The residual graph returns the next references (x_ref + q(delta), z_t), not its inputs.
     key = ort.InferenceSession(str(tmp_path / "keyframe.onnx"))
@@ -348,8 +349,7 @@ def test_unsigned_keyframe_quantizers_export_and_stream(format, backend, video, 
     export(qm, video[:, 0], tmp_path, format=format)
     with torch.no_grad():
         reference = qm(video).numpy()
-    options = {"optimization": "basic"} if backend == "onnxruntime" else {}
-    out = OnnxStream(tmp_path, backend=backend, **options).run(video)
+    out = OnnxStream(tmp_path, backend=backend).run(video)
     assert_stream_matches(out, reference, output_step(qm))
 
 
@@ -425,7 +425,7 @@ def test_sparse_execution_exports_the_dense_graphs(qm, video, reference, tmp_pat
         graphs = [onnx.load(str(tmp_path / kind / f"{name}.onnx")).graph
                   for kind in ("dense", "sparse")]
         assert [n.op_type for n in graphs[0].node] == [n.op_type for n in graphs[1].node]
-    out = OnnxStream(tmp_path / "sparse", optimization="basic").run(video)
+    out = OnnxStream(tmp_path / "sparse").run(video)
     assert_stream_matches(out, reference, output_step(qm))
     with torch.no_grad():
         assert_stream_matches(sparse(video).numpy(), reference, output_step(qm))
