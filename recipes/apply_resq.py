@@ -617,7 +617,8 @@ def summary_line(rows: Sequence[Any], tolerance: float = SUMMARY_TOLERANCE) -> s
     if reference is None:
         return "summary: no W8A8 frame-quantization row to compare against"
     ref_acc, unit = _accuracy(reference)
-    unit_word = "points" if unit.startswith("mIoU") else "dB"
+    unit_word = ("dB" if not unit.startswith("mIoU")
+                 else "point" if tolerance == 1 else "points")
 
     def cheapest(candidates: list[Any]) -> Any:
         good = [r for r in candidates if _accuracy(r)[0] >= ref_acc - tolerance]
@@ -630,7 +631,10 @@ def summary_line(rows: Sequence[Any], tolerance: float = SUMMARY_TOLERANCE) -> s
                 f"{unit}); no cheaper scheme stays within {tolerance:g} {unit_word} of it.")
     line = (f"Best accuracy per BOP on this model: {_name(best)} keeps {_accuracy(best)[0]:.1f} "
             f"{unit} (W8A8: {ref_acc:.1f}) at {best.rel_bops:.2f}x the BOPs of W8A8")
-    if frame is not best:
+    if frame is reference:
+        line += (f"; no frame-quantization scheme cheaper than W8A8 stays within {tolerance:g} "
+                 f"{unit_word}")
+    elif frame is not best:
         line += (f"; the cheapest frame-quantization scheme within {tolerance:g} {unit_word} is "
                  f"{frame.scheme} at {frame.rel_bops:.2f}x ({_accuracy(frame)[0]:.1f} {unit})")
     return line + "."

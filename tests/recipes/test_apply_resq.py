@@ -285,6 +285,11 @@ def test_summary_names_the_cheapest_scheme_as_accurate_as_w8a8() -> None:
     assert "ResQ W8A8->W4A4 T=4" in line and "0.44x" in line
     assert "W6A6 at 0.56x" in line
     assert recipe.summary_line(list(reversed(rows))) == line  # order does not matter
+    line = recipe.summary_line(_rows(("frame", "W8A8", 1, 90.0, 1.0),
+                                     ("frame", "W6A6", 1, 85.0, 0.5625),
+                                     ("resq", "W8A8->W4A4", 4, 89.5, 0.4375)))
+    assert "ResQ W8A8->W4A4 T=4" in line
+    assert "no frame-quantization scheme cheaper than W8A8 stays within 1 point" in line
     # nothing cheaper within 1 point: W8A8 itself
     line = recipe.summary_line(_rows(("frame", "W8A8", 1, 90.0, 1.0),
                                      ("frame", "W6A6", 1, 88.9, 0.5625)))
