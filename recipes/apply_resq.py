@@ -3,8 +3,11 @@
 With no arguments it runs the embedded demo: a small segmentation network (trained by
 ``recipes/train_demo.py`` on procedurally generated video, checkpoint shipped in the package) is
 quantized with frame quantization (W8A8, W6A6, W5A5, W4A4) and with ResQ (W8A8->W4A4 and
-W8A8->W8A4 at T=2 and T=4); a table of mIoU (against ground truth and against the float
-model), output SQNR and BOPs is printed, and ``<out>/accuracy_vs_bops.png``, ``results.json``
+W8A8->W8A4 at T=2 and T=4), the paper's signed quantizers throughout; then the same with
+``act_signedness="auto"`` (rows tagged ``auto``) and with the first and last layers kept at 8
+bits (``8b-ends``). A table of mIoU (against ground truth and against the float model), output
+SQNR and BOPs is printed, then one line saying which scheme gives the best accuracy per BOP
+(computed from the table), and ``<out>/accuracy_vs_bops.png``, ``results.json``
 and ``results.csv`` are written (the same columns and units as the table: mIoU in percent, BOPs
 per frame; ``null`` in the JSON and an empty CSV cell mean "does not apply").
 
@@ -58,6 +61,20 @@ from typing import Any, NoReturn
 DEMO_FRAME_SCHEMES = ["W8A8", "W6A6", "W5A5", "W4A4"]
 DEMO_RESQ_SCHEMES = ["W8A8->W4A4", "W8A8->W8A4"]
 DEMO_PERIODS = [2, 4]
+#: The demo's extra rows beside the paper-faithful ones: ``(tag, scheme, period, variant)``.
+#: ``auto``: ``act_signedness="auto"`` (unsigned keyframe quantizers on non-negative inputs);
+#: ``8b-ends``: the first and last layers kept at 8 bits (a ``LayerOverride``).
+DEMO_VARIANTS = [
+    ("auto", "W8A8", 1, "auto"), ("auto", "W6A6", 1, "auto"), ("auto", "W5A5", 1, "auto"),
+    ("auto", "W4A4", 1, "auto"), ("auto", "W8A8->W4A4", 4, "auto"),
+    ("8b-ends", "W8A8->W4A4", 4, "ends"), ("8b-ends", "W4A4", 1, "ends"),
+]
+VARIANT_LEGEND = ("auto: act_signedness=\"auto\" (unsigned keyframe quantizers where the "
+                  "calibration inputs are non-negative); 8b-ends: first and last layers at 8 bits "
+                  "(LayerOverride)")
+#: Accuracy a cheaper scheme may lose against W8A8 and still count as "as accurate" in the
+#: summary: mIoU points, or dB when there is no mIoU.
+SUMMARY_TOLERANCE = 1.0
 DEMO_EVAL_CLIPS = 6
 #: The operating point of pool schemes when neither --tau nor --target-bops is given.
 DEFAULT_TARGET_BOPS = 0.5
@@ -371,13 +388,15 @@ def load_clips(args: argparse.Namespace, model: Any) -> Clips:
 def demo_clips(args: argparse.Namespace, model: Any) -> Clips:
     """Procedural clips: calibration and evaluation from disjoint seeds
     (:func:`resq_brevitas.demo.clips.demo_clips`), centre-cropped to a non-square size."""
+    from resq_brevitas.demo.clips import CALIB_FRAMES
     from resq_brevitas.demo.clips import demo_clips as make_demo_clips
     from resq_brevitas.demo.model import NUM_CLASSES
 
     size, source = expected_size(model, args)
     assert size is not None
     # demo_clips makes enough calibration clips for this many frames
-    frames_needed = args.calib_clips * args.frames if args.calib_clips else args.calib_samples
+    frames_needed = (args.calib_clips * CALIB_FRAMES if args.calib_clips
+                     else args.calib_samples)
     n_eval = args.eval_clips or DEMO_EVAL_CLIPS
     calib, evaluation, labels = make_demo_clips(frames_needed, n_eval, args.frames, max(size))
     top, left = (max(size) - size[0]) // 2, (max(size) - size[1]) // 2
@@ -387,8 +406,8 @@ def demo_clips(args: argparse.Namespace, model: Any) -> Clips:
         return [item[(..., *window)].contiguous() for item in items]
 
     notes = [f"clips: the demo's procedural video at {size[0]}x{size[1]} ({source}); "
-             f"calibration: {len(calib)} clips, evaluation: {n_eval} other clips (disjoint "
-             "seeds)"]
+             f"calibration: {len(calib)} clips of {CALIB_FRAMES} frames, evaluation: {n_eval} "
+             "other clips (disjoint seeds)"]
     return Clips(crop(calib), crop(evaluation), crop(labels), NUM_CLASSES, notes)
 
 
@@ -535,6 +554,92 @@ def figure_config(configs: list[Any]) -> Any:
     return first[len(first) // 2]
 
 
+def end_layers(model: Any) -> tuple[str, str]:
+    """Qualified names of the model's first and last convolution / linear layers."""
+    import torch
+
+    kinds = (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear, torch.nn.Conv1d,
+             torch.nn.Conv3d)
+    names = [name for name, m in model.named_modules() if isinstance(m, kinds)]
+    if not names:
+        raise UsageError("--model", "has no convolution or linear layer to quantize")
+    return names[0], names[-1]
+
+
+def variant_configs(args: argparse.Namespace, model: Any) -> list[tuple[str, Any]]:
+    """The demo's extra rows (:data:`DEMO_VARIANTS`) as ``(tag, ResQConfig)``; none when
+    ``--scheme`` is given."""
+    from resq_brevitas.config import LayerOverride, LineSearch, ResQConfig, Scheme
+
+    if args.scheme is not None:
+        return []
+    calibration = LineSearch(candidates=args.candidates, samples=args.calib_samples)
+    ends = end_layers(model)
+    configs = []
+    for tag, scheme, period, variant in DEMO_VARIANTS:
+        # 8 bits for keyframes and residuals; under frame quantization, 8-bit frames
+        eight = "W8A8" if Scheme.parse(scheme).is_frame_quantization else "W8A8->W8A8"
+        extra: dict[str, Any] = ({"act_signedness": "auto"} if variant == "auto"
+                                 else {"overrides": (LayerOverride(ends, eight),)})
+        configs.append((tag, ResQConfig(scheme=scheme, period=period, calibration=calibration,
+                                        **extra)))
+    return configs
+
+
+def tagged(row: Any, tag: str) -> Any:
+    """The row with ``tag`` after its scheme (``W8A8 auto``), so tables and JSON tell variants
+    from the paper-faithful rows."""
+    import dataclasses
+
+    return dataclasses.replace(row, scheme=f"{row.scheme} {tag}")
+
+
+def _accuracy(row: Any) -> tuple[float, str]:
+    for key, unit in (("miou_gt", "mIoU"), ("miou_float", "mIoU vs float")):
+        value = getattr(row, key)
+        if not math.isnan(value):
+            return 100 * value, unit
+    return row.sqnr_db, "dB SQNR"
+
+
+def _name(row: Any) -> str:
+    kind = {"frame": "frame quantization", "resq": "ResQ", "dynamic": "Dynamic-ResQ",
+            "rrm": "RRM"}.get(row.method, row.method)
+    return f"{kind} {row.scheme}" + ("" if row.method == "frame" else f" T={row.period}")
+
+
+def summary_line(rows: Sequence[Any], tolerance: float = SUMMARY_TOLERANCE) -> str:
+    """One sentence, computed from the rows: the cheapest scheme whose accuracy is within
+    ``tolerance`` of W8A8 frame quantization's (mIoU points, or dB without mIoU), and the cheapest
+    frame-quantization scheme that is, for comparison."""
+    quantized = [r for r in rows if r.method != "float" and not math.isnan(r.rel_bops)]
+    reference = next((r for r in quantized if r.method == "frame" and r.scheme == "W8A8"), None)
+    if reference is None:
+        return "summary: no W8A8 frame-quantization row to compare against"
+    ref_acc, unit = _accuracy(reference)
+    unit_word = ("dB" if not unit.startswith("mIoU")
+                 else "point" if tolerance == 1 else "points")
+
+    def cheapest(candidates: list[Any]) -> Any:
+        good = [r for r in candidates if _accuracy(r)[0] >= ref_acc - tolerance]
+        return min(good, key=lambda r: (r.rel_bops, -_accuracy(r)[0]))
+
+    best = cheapest(quantized)
+    frame = cheapest([r for r in quantized if r.method == "frame"])
+    if best is reference:
+        return (f"Best accuracy per BOP on this model: W8A8 frame quantization ({ref_acc:.1f} "
+                f"{unit}); no cheaper scheme stays within {tolerance:g} {unit_word} of it.")
+    line = (f"Best accuracy per BOP on this model: {_name(best)} keeps {_accuracy(best)[0]:.1f} "
+            f"{unit} (W8A8: {ref_acc:.1f}) at {best.rel_bops:.2f}x the BOPs of W8A8")
+    if frame is reference:
+        line += (f"; no frame-quantization scheme cheaper than W8A8 stays within {tolerance:g} "
+                 f"{unit_word}")
+    elif frame is not best:
+        line += (f"; the cheapest frame-quantization scheme within {tolerance:g} {unit_word} is "
+                 f"{frame.scheme} at {frame.rel_bops:.2f}x ({_accuracy(frame)[0]:.1f} {unit})")
+    return line + "."
+
+
 # ----------------------------------------------------------------------------- outputs
 
 
@@ -638,8 +743,9 @@ def run(args: argparse.Namespace, model: Any, clips: Clips) -> int:
     torch.manual_seed(0)
     configs = configs_from_args(args)
     dynamic = dynamic_configs_from_args(args)
+    variants = variant_configs(args, model)
     progress = not args.no_progress
-    printer = None if progress else RowPrinter(1 + len(configs) + len(dynamic))
+    printer = None if progress else RowPrinter(1 + len(configs) + len(dynamic) + len(variants))
     first = clips.evaluation[0]
     print(f"model: {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} "
           f"params); {len(clips.evaluation)} evaluation clips of {first.shape[0]} frames "
@@ -667,9 +773,19 @@ def run(args: argparse.Namespace, model: Any, clips: Clips) -> int:
         rows += compare_configs(model, dynamic, clips.calib, clips.evaluation, clips.labels,
                                 clips.num_classes, progress=progress, include_float=False,
                                 on_model=keep_bit_maps, on_row=printer)
+    if variants:
+        extra = compare_configs(model, [c for _, c in variants], clips.calib, clips.evaluation,
+                                clips.labels, clips.num_classes, progress=progress,
+                                include_float=False)
+        rows += [tagged(row, tag) for (tag, _), row in zip(variants, extra)]
+        for row in rows[-len(extra):]:
+            if printer is not None:
+                printer(row)
     print()
     print(format_table(rows))
     print(TABLE_LEGEND)
+    if variants:
+        print(VARIANT_LEGEND)
     written = write_outputs(rows, args.out)
     if figure:
         written += write_bit_map_figure(figure, first, args.out)
@@ -685,6 +801,7 @@ def run(args: argparse.Namespace, model: Any, clips: Clips) -> int:
     print()
     print("wrote " + ", ".join(str(p) for p in written))
     print(f"done in {time.perf_counter() - start:.1f} s")
+    print(summary_line(rows))
     return 0
 
 

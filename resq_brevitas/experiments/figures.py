@@ -47,7 +47,9 @@ MIN_FONT = 9
 
 def _family(r: Any) -> str:
     if r.method == "frame":
-        return "frame quantization"
+        # a tagged variant ("W8A8 auto") is a curve of its own
+        _, _, tag = r.scheme.partition(" ")
+        return "frame quantization" + (f" {tag}" if tag else "")
     if r.method == "dynamic":
         return f"Dynamic-ResQ {r.scheme} T={r.period}"
     if r.method == "rrm":

@@ -1,4 +1,5 @@
-"""On the embedded demo, ResQ beats frame quantization at comparable BOPs."""
+"""The embedded demo quantizes like a real network (benchmarks/RESULTS.md section 8's acceptance
+criteria), and ResQ beats frame quantization at comparable BOPs on it."""
 
 from __future__ import annotations
 
@@ -41,3 +42,18 @@ def test_resq_beats_frame_quantization_near_equal_bops(demo) -> None:
         assert frame_bops / w8_bops == pytest.approx(relative_bops(frame_scheme))
         assert math.isfinite(frame_sqnr)
         assert resq_sqnr > frame_sqnr, (frame_scheme, resq_sqnr, frame_sqnr)
+
+
+@pytest.mark.xfail(strict=True, reason="the rebuilt demo does not meet section 8's acceptance "
+                   "profile yet (W8A8 26 dB, clipping-dominated: W6A6 -> W5A5 costs ~1 dB); "
+                   "benchmarks/RESULTS.md section 8, 'the new demo'")
+def test_frame_quantization_degrades_like_a_real_network(demo) -> None:
+    """Section 8's acceptance profile: W8A8 in the 35-45 dB range of real segmentation networks
+    (the old demo, with its aliased flat-colour data, gave 24.7 dB) and about 6 dB per bit
+    (uniform quantization noise) from W8A8 down to W5A5. Bands widened for one 8-frame clip
+    calibrated on 16 frames: W8A8 33-48 dB, 3-9 dB per bit."""
+    model, calib, video = demo
+    sqnr = {s: _sqnr_and_bops(model, calib, video, s, 1)[0] for s in ("W8A8", "W6A6", "W5A5")}
+    assert 33.0 <= sqnr["W8A8"] <= 48.0, sqnr
+    assert 3.0 <= (sqnr["W8A8"] - sqnr["W6A6"]) / 2 <= 9.0, sqnr
+    assert 3.0 <= sqnr["W6A6"] - sqnr["W5A5"] <= 9.0, sqnr

@@ -40,5 +40,7 @@ def test_shipped_checkpoint_segments_held_out_clips() -> None:
             video, labels = ds[i]
             preds.append(model(video).argmax(dim=1))
             targets.append(labels)
-    # Measured: 0.935 on these 4 clips, 0.925 on the recipe's 32 held-out clips (seed 1).
-    assert miou(torch.cat(preds), torch.cat(targets), NUM_CLASSES) >= 0.8
+    # A floor above 0.75 = (1 + 1 + 1 + 0) / 4: even with a perfect background and two perfect
+    # shape classes, a model that never finds the third shape cannot pass it, so every class
+    # is segmented (a converged model; train_demo.py's held-out checks plateau near 0.83).
+    assert miou(torch.cat(preds), torch.cat(targets), NUM_CLASSES) > 0.75

@@ -12,6 +12,7 @@ from resq_brevitas.demo.synthetic import (
     STD,
     SyntheticVideoDataset,
     make_clip,
+    pink_noise,
     synthetic_clips,
 )
 
@@ -93,6 +94,45 @@ def test_pixels_follow_labels() -> None:
     bg_mean = video[0][:, ~fg].mean(dim=1)
     fg_mean = video[0][:, fg].mean(dim=1)
     assert float((bg_mean - fg_mean).abs().max()) > 0.1
+
+
+@pytest.mark.parametrize("exponent", [0.5, 1.0])
+def test_pink_noise_power_falls_as_f_to_minus_twice_the_exponent(exponent: float) -> None:
+    """Natural images have amplitude ~ 1/f (power ~ 1/f^2); the textures are built that way."""
+    n = 64
+    tex = pink_noise(torch.Generator().manual_seed(0), 8, n, exponent)
+    assert torch.allclose(tex.mean(dim=(1, 2)), torch.zeros(8), atol=1e-5)
+    assert torch.allclose(tex.std(dim=(1, 2)), torch.ones(8), atol=1e-5)
+    power = (torch.fft.fft2(tex).abs() ** 2).mean(dim=0)
+    freq = torch.fft.fftfreq(n)
+    radius = torch.sqrt(freq.view(n, 1) ** 2 + freq.view(1, n) ** 2)
+    band = (radius > 2 / n) & (radius < 0.45)
+    design = torch.stack([radius[band].log(), torch.ones(int(band.sum()))], dim=1)
+    slope = torch.linalg.lstsq(design, power[band].log().unsqueeze(1)).solution[0, 0]
+    assert abs(float(slope) + 2 * exponent) < 0.15
+
+
+def test_residuals_are_smaller_than_frames_as_in_real_video() -> None:
+    """ResQ's premise (Fig. 2) at the input: slow, sub-pixel motion of natural textures makes
+    ``x_t - x_(t-d)`` much smaller than ``x_t`` for d = 1..3 in every clip."""
+    for seed in range(6):
+        video, _ = make_clip(seed, frames=8, size=32)
+        centred = video - video.mean(dim=(0, 2, 3), keepdim=True)
+        for d in (1, 2, 3):
+            ratio = float((video[d:] - video[:-d]).var() / centred.var())
+            assert ratio < 0.25, (seed, d, ratio)
+
+
+def test_motion_is_slow() -> None:
+    """Objects move at most ~0.55% of the frame width per frame: at 64 px, under 0.4 px, so a
+    frame step relabels under 1% of the pixels (perimeter x displacement / area; fast motion,
+    1-2 px per frame, relabels several percent)."""
+    shares = []
+    for seed in range(8):
+        _, labels = make_clip(seed, frames=6)
+        shares.append(float((labels[1:] != labels[:-1]).float().mean()))
+    assert max(shares) < 0.01, shares
+    assert max(shares) > 0  # ... but they do move
 
 
 @pytest.fixture(scope="module")

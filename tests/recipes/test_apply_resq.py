@@ -263,3 +263,55 @@ def test_recipe_export_writes_step_graphs_and_unrolled_clip(tmp_path) -> None:
     for graph in ("keyframe.onnx", "residual.onnx"):
         assert (tmp_path / "export" / "qcdq" / graph).stat().st_size > 0
     assert any((tmp_path / "export" / "fx").iterdir())
+
+
+# ------------------------------------------------------------------ the demo's summary and rows
+
+
+def _rows(*specs):
+    from resq_brevitas.experiments.evaluation import EvalRow
+
+    return [EvalRow(method, scheme, period, miou / 100, miou / 100, 20.0, rel * 1e9, rel)
+            for method, scheme, period, miou, rel in specs]
+
+
+def test_summary_names_the_cheapest_scheme_as_accurate_as_w8a8() -> None:
+    recipe = _recipe()
+    rows = _rows(("frame", "W8A8", 1, 90.0, 1.0), ("frame", "W6A6", 1, 89.5, 0.5625),
+                 ("frame", "W4A4", 1, 40.0, 0.25), ("resq", "W8A8->W4A4", 4, 89.2, 0.4375),
+                 ("resq", "W8A8->W4A4", 2, 89.9, 0.625))
+    line = recipe.summary_line(rows)
+    # not the best mIoU per BOP ratio (W4A4: 160 per unit), not the most accurate (W8A8)
+    assert "ResQ W8A8->W4A4 T=4" in line and "0.44x" in line
+    assert "W6A6 at 0.56x" in line
+    assert recipe.summary_line(list(reversed(rows))) == line  # order does not matter
+    line = recipe.summary_line(_rows(("frame", "W8A8", 1, 90.0, 1.0),
+                                     ("frame", "W6A6", 1, 85.0, 0.5625),
+                                     ("resq", "W8A8->W4A4", 4, 89.5, 0.4375)))
+    assert "ResQ W8A8->W4A4 T=4" in line
+    assert "no frame-quantization scheme cheaper than W8A8 stays within 1 point" in line
+    # nothing cheaper within 1 point: W8A8 itself
+    line = recipe.summary_line(_rows(("frame", "W8A8", 1, 90.0, 1.0),
+                                     ("frame", "W6A6", 1, 88.9, 0.5625)))
+    assert line.startswith("Best accuracy per BOP on this model: W8A8 frame quantization")
+
+
+def test_demo_variant_rows_are_auto_signedness_and_8_bit_end_layers() -> None:
+    from resq_brevitas.demo.model import DemoSegNet
+
+    recipe = _recipe()
+    model = DemoSegNet()
+    args = recipe.check_options(recipe.build_parser(), [])
+    variants = recipe.variant_configs(args, model)
+    assert recipe.end_layers(model) == ("stem.0", "head")
+    assert {tag for tag, _ in variants} == {"auto", "8b-ends"}
+    for tag, config in variants:
+        if tag == "auto":
+            assert config.act_signedness == "auto" and not config.overrides
+        else:
+            assert config.act_signedness == "signed"
+            (override,) = config.overrides
+            assert override.matches("stem.0") and override.matches("head")
+            assert not override.matches("down1.0")
+    with_scheme = recipe.check_options(recipe.build_parser(), ["--scheme", "W8A8"])
+    assert recipe.variant_configs(with_scheme, model) == []
