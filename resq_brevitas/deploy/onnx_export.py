@@ -44,8 +44,8 @@ per leaf (:mod:`resq_brevitas.deploy.outputs`; ``output`` above stands for them)
 the lowest from :data:`MIN_OPSET` that the graphs need (torch's ``UnsupportedOperatorError``
 names the opset that adds an operator; the export is retried there, up to :data:`MAX_OPSET`),
 or the one asked for; torch's exporter prints the TorchScript graph of a failed attempt to
-stdout (its ONNX log), which is noise here. ``nn.MultiheadAttention`` left in float takes torch's exportable
-path in the private copy (:class:`_ExportableMultiheadAttention`). After writing, the graphs are
+stdout (its ONNX log), which is noise here. ``nn.MultiheadAttention`` left in float takes
+torch's exportable path in the private copy (:class:`_ExportableMultiheadAttention`). After writing, the graphs are
 checked against PyTorch on the example frame (:mod:`resq_brevitas.deploy.parity`).
 """
 
