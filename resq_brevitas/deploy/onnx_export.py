@@ -46,7 +46,8 @@ names the opset that adds an operator; the export is retried there, up to :data:
 or the one asked for; torch's exporter prints the TorchScript graph of a failed attempt to
 stdout (its ONNX log), which is noise here. ``nn.MultiheadAttention`` left in float takes
 torch's exportable path in the private copy (:class:`_ExportableMultiheadAttention`). After
-writing, the graphs are checked against PyTorch on the example frame (:mod:`resq_brevitas.deploy.parity`).
+writing, the graphs are checked against PyTorch on the example frame
+(:mod:`resq_brevitas.deploy.parity`).
 """
 
 from __future__ import annotations
