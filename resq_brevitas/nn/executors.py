@@ -41,6 +41,7 @@ from resq_brevitas.nn.sparse import (
     sparse_quantize,
     sparse_quantize_rows,
 )
+from resq_brevitas.quant.fused import is_traced
 
 __all__ = [
     "DEFAULT_DENSE_ABOVE",
@@ -136,24 +137,9 @@ class TileCounter:
         self.computed = self.total = self.calls = 0
 
 
-def _is_tracing(q: Any) -> bool:
-    """Whether the call is being traced, compiled or exported (then only the dense op makes a
-    graph: the sparse path reads data, e.g. which tiles are active).
-
-    A tensor subclass (the fake and functional tensors of ``torch.export``) counts as traced.
-    """
-    if type(q) is not Tensor:
-        return True
-    symbolic = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing",
-                       torch.fx._symbolic_trace.is_fx_tracing)
-    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-    return bool(torch.jit.is_tracing() or symbolic() or torch.onnx.is_in_onnx_export()
-                or torch.compiler.is_compiling() or exporting())
-
-
 def _runs_eager(*tensors: Tensor) -> bool:
     """Whether the sparse path may run: not traced, and autograd needs no gradient."""
-    if _is_tracing(tensors[0]):
+    if is_traced(tensors[0]):
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 

@@ -30,11 +30,16 @@ from brevitas.core.quant.int import RescalingIntQuant
 from brevitas.core.quant.int_base import IntQuant
 from torch import Tensor, nn
 
-__all__ = ["FusedActQuant", "fusable"]
+__all__ = ["FusedActQuant", "fusable", "is_traced"]
 
 
-def _is_traced(x: Tensor) -> bool:
-    """Whether ``x`` is being traced, compiled or exported (a tensor subclass counts)."""
+def is_traced(x: Any) -> bool:
+    """Whether ``x`` is being traced, compiled or exported: then only the exportable,
+    data-independent path may run (the Brevitas chain here, the dense op in
+    :mod:`resq_brevitas.nn.executors`).
+
+    A tensor subclass (the fake and functional tensors of ``torch.export``) counts as traced.
+    """
     if type(x) is not Tensor:
         return True
     symbolic = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing",
@@ -77,7 +82,7 @@ class FusedActQuant:
     def fast(self, x: Tensor) -> bool:
         """Whether the call on ``x`` takes the fused path."""
         proxy = self.proxy
-        if not proxy.is_quant_enabled or proxy.export_mode or _is_traced(x):
+        if not proxy.is_quant_enabled or proxy.export_mode or is_traced(x):
             return False
         if torch.is_grad_enabled() and (x.requires_grad or any(
                 p.requires_grad for p in proxy.parameters())):
