@@ -87,3 +87,23 @@ def bits_per_mac(scheme: str, period: int = 1) -> float:
 def relative_bops(scheme: str, period: int = 1, reference: str = "W8A8") -> float:
     """BOPs of ``scheme`` at ``period`` relative to frame quantization at ``reference``."""
     return bits_per_mac(scheme, period) / bits_per_mac(reference)
+
+
+class TinySegNet(nn.Module):
+    """Two convolutions, a ReLU and a Linear on pooled features: a training test's model."""
+
+    def __init__(self, in_channels: int = 3, hidden: int = 6, classes: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, hidden, 3, padding=1)
+        self.conv2 = nn.Conv2d(hidden, classes, 3, padding=1)
+        self.fc = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.conv1(x))
+        return self.conv2(a) + self.fc(a.mean((2, 3)))[:, :, None, None]
+
+
+def make_tiny_segnet(seed: int = 0) -> TinySegNet:
+    """A TinySegNet in eval mode with seeded weights."""
+    torch.manual_seed(seed)
+    return TinySegNet().eval()

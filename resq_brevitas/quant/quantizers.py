@@ -24,6 +24,7 @@ from resq_brevitas.checks import check_choice
 from resq_brevitas.config import validate_bits
 
 __all__ = [
+    "MIN_THRESHOLD",
     "FullRangeIntScaling",
     "HalfRangeIntScaling",
     "ZeroTensorQuant",
@@ -78,6 +79,10 @@ def quantize_eq1(x: Tensor, scale: Tensor | float, bits: int) -> Tensor:
     q_min, q_max = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     # One fresh tensor, then in place: the line search quantizes r candidates of every batch.
     return torch.div(x, scale).round_().clamp_(q_min, q_max).mul_(scale)
+
+
+#: The smallest activation threshold a quantizer uses (a floor under ``2 ** log2_threshold``).
+MIN_THRESHOLD = 1e-12
 
 
 class HalfRangeIntScaling(nn.Module):
@@ -158,14 +163,20 @@ class ResQWeightPerChannelQuant(ResQWeightQuant):
 class ResQActQuant(IntQuant, ActQuantSolver):
     """Signed symmetric per-tensor activation quantizer with eq. 6 scale.
 
-    The range lives in a Brevitas ``ParameterScaling`` (learnable for QAT); its value is the
-    threshold ``max(r_max, -r_min)``, set by the line search (eq. 8) during calibration.
+    The range lives in a Brevitas ``ParameterScaling`` (learnable for QAT) that holds the
+    threshold ``max(r_max, -r_min)`` in the log domain (``RestrictValueType.LOG_FP``: the
+    parameter is ``log2(threshold)``, the quantizer uses ``2 ** value``), so that no gradient
+    step can make a scale negative; ``scaling_min_val`` keeps ``2 ** value`` from underflowing
+    to 0 (a division by zero in eq. 1) after a run of large steps. The line search (eq. 8) sets
+    it during calibration; read and write it with
+    :func:`~resq_brevitas.quant.line_search.act_threshold` / ``set_act_threshold``.
     """
 
     bit_width = 8
     scaling_impl_type = ScalingImplType.PARAMETER
     scaling_per_output_type = ScalingPerOutputType.TENSOR
-    restrict_scaling_type = RestrictValueType.FP
+    restrict_scaling_type = RestrictValueType.LOG_FP
+    scaling_min_val = MIN_THRESHOLD
     scaling_init = 1.0
     int_scaling_impl = HalfRangeIntScaling
     min_val = None
