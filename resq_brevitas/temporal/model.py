@@ -576,11 +576,14 @@ class ResQModel(nn.Module):
         return (self.clip_execution == "auto" and not self._mode.advances
                 and len(self.refresh_triggers) == 0)
 
-    def step_clip(self, video: Tensor) -> Any:
+    def step_clip(self, video: Tensor, *, keep_graph: bool = False) -> Any:
         """Continue every row's stream with the frames of a clip ``[B, T, C, ...]``.
 
         The same as calling :meth:`step` on each frame (same outputs, state and ``last_cost``),
         time-batched when the mode allows: for a stream decoded a chunk of frames at a time.
+        ``keep_graph=True`` keeps autograd across the chunk's frames, as :meth:`forward` does
+        (truncated backpropagation through time: the carried references are detached, before
+        and after).
 
         Raises:
             TypeError, ValueError: On a malformed clip, or a shape change mid-stream; the state
@@ -592,7 +595,14 @@ class ResQModel(nn.Module):
                 f"video frame shape changed mid-stream: expected {self._stream.shape}, got "
                 f"{tuple(video[:, 0].shape)}; call reset() to start a new stream"
             )
-        return self._run_recorded(video, detach=True)
+        if not keep_graph:
+            return self._run_recorded(video, detach=True)
+        for state in self._states.values():
+            state.detach()
+        out = self._run_recorded(video, detach=False)
+        for state in self._states.values():
+            state.detach()
+        return out
 
     def _run_recorded(self, video: Tensor, detach: bool, start_phase: Tensor | None = None
                       ) -> Any:
