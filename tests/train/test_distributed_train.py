@@ -149,8 +149,7 @@ def test_clip_stream_splits_each_epoch_over_ranks() -> None:
     clips = list(range(5))
     streams = [clip_stream(clips, seed=3, rank=r, world=2) for r in range(2)]
     epoch = [[next(s) for _ in range(3)] for s in streams]  # 5 clips padded to 6
-    assert sorted(epoch[0] + epoch[1])[:5] == clips
-    assert set(epoch[0] + epoch[1]) == set(clips)
+    assert set(epoch[0] + epoch[1]) == set(clips)  # every clip once, one repeated as padding
     again = clip_stream(clips, seed=3, rank=0, world=2)
     assert [next(again) for _ in range(3)] == epoch[0]
     with pytest.raises(TypeError, match="sized"):
