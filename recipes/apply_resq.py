@@ -707,6 +707,7 @@ def qat_rows(model: Any, configs: list[Any], clips: Clips, args: argparse.Namesp
     (label-free, on the calibration clips), evaluated on the same evaluation clips."""
     import copy
 
+    from resq_brevitas.config import LineSearch, ResQConfig, Scheme
     from resq_brevitas.experiments.evaluation import clip_batches, compare_configs
     from resq_brevitas.train import train_qat
 
@@ -718,7 +719,10 @@ def qat_rows(model: Any, configs: list[Any], clips: Clips, args: argparse.Namesp
                   progress=not args.no_progress)
         return qm
 
-    rows = compare_configs(model, configs, clips.calib, clips.evaluation, clips.labels,
+    calibration = LineSearch(candidates=args.candidates, samples=args.calib_samples)
+    full = [ResQConfig(scheme=Scheme.parse(text), period=period, calibration=calibration)
+            for text, period in configs]  # as compare_schemes builds the PTQ rows' configs
+    rows = compare_configs(model, full, clips.calib, clips.evaluation, clips.labels,
                            clips.num_classes, progress=not args.no_progress,
                            include_float=False, prepare=trained, on_row=printer)
     for row in rows:
