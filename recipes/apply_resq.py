@@ -722,11 +722,14 @@ def qat_rows(model: Any, configs: list[Any], clips: Clips, args: argparse.Namesp
     calibration = LineSearch(candidates=args.candidates, samples=args.calib_samples)
     full = [ResQConfig(scheme=Scheme.parse(text), period=period, calibration=calibration)
             for text, period in configs]  # as compare_schemes builds the PTQ rows' configs
+    def label(row: Any) -> None:
+        row.method += "+qat"
+        if printer is not None:
+            printer(row)
+
     rows = compare_configs(model, full, clips.calib, clips.evaluation, clips.labels,
                            clips.num_classes, progress=not args.no_progress,
-                           include_float=False, prepare=trained, on_row=printer)
-    for row in rows:
-        row.method += "+qat"
+                           include_float=False, prepare=trained, on_row=label)
     return rows
 
 
