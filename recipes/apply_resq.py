@@ -207,6 +207,14 @@ def build_parser() -> OneLineParser:
                    help="Dynamic-ResQ policy granularity")
     p.add_argument("--region-k", type=int_at_least(1), default=4,
                    help="block size of --granularity region")
+    p.add_argument("--qat-steps", type=int_at_least(0), default=0,
+                   help="after calibration, label-free QAT (distilling the float model on the "
+                        "calibration clips) for this many steps: adds 'ResQ + QAT' rows "
+                        "(method '<method>+qat'); works under torchrun --nproc_per_node N")
+    p.add_argument("--lr", type=real_at_least(0.0, strict=True), default=1e-4,
+                   help="QAT learning rate of the weights")
+    p.add_argument("--scale-lr", type=real_at_least(0.0, strict=True), default=1e-3,
+                   help="QAT learning rate of the activation thresholds")
     p.add_argument("--analyze", metavar="SCHEME", nargs="?", const="W8A8",
                    help="also analyse SCHEME (default W8A8; T = the first --period) per layer: "
                         "sensitivities, ranges, Fig. 2 -> <out>/analysis.{json,csv,png}")
@@ -745,7 +753,8 @@ def run(args: argparse.Namespace, model: Any, clips: Clips) -> int:
     dynamic = dynamic_configs_from_args(args)
     variants = variant_configs(args, model)
     progress = not args.no_progress
-    printer = None if progress else RowPrinter(1 + len(configs) + len(dynamic) + len(variants))
+    printer = None if progress else RowPrinter(
+        1 + len(configs) * (2 if args.qat_steps else 1) + len(dynamic) + len(variants))
     first = clips.evaluation[0]
     print(f"model: {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} "
           f"params); {len(clips.evaluation)} evaluation clips of {first.shape[0]} frames "
@@ -758,6 +767,8 @@ def run(args: argparse.Namespace, model: Any, clips: Clips) -> int:
         calibration=LineSearch(candidates=args.candidates, samples=args.calib_samples),
         progress=progress, on_row=printer,
     )
+    if args.qat_steps:
+        rows += qat_rows(model, configs, clips, args, printer)
     figure: dict[str, Any] = {}
     if dynamic:
         pick = figure_config(dynamic)
@@ -781,6 +792,8 @@ def run(args: argparse.Namespace, model: Any, clips: Clips) -> int:
         for row in rows[-len(extra):]:
             if printer is not None:
                 printer(row)
+    if not is_primary():  # under torchrun: every rank computed the rows, rank 0 reports
+        return 0
     print()
     print(format_table(rows))
     print(TABLE_LEGEND)
@@ -805,6 +818,57 @@ def run(args: argparse.Namespace, model: Any, clips: Clips) -> int:
     return 0
 
 
+def qat_rows(model: Any, configs: list[Any], clips: Clips, args: argparse.Namespace,
+             printer: Any) -> list[Any]:
+    """The 'ResQ + QAT' rows: each config calibrated, then trained with ``resq.train_qat``
+    (label-free, on the calibration clips), evaluated on the same evaluation clips."""
+    import copy
+
+    from resq_brevitas.config import LineSearch, ResQConfig, Scheme
+    from resq_brevitas.experiments.evaluation import clip_batches, compare_configs
+    from resq_brevitas.train import train_qat
+
+    calib = clip_batches(clips.calib)
+
+    def trained(config: Any, qm: Any) -> Any:
+        qm = copy.deepcopy(qm)
+        train_qat(qm, calib, steps=args.qat_steps, lr=args.lr, scale_lr=args.scale_lr,
+                  progress=not args.no_progress)
+        return qm
+
+    calibration = LineSearch(candidates=args.candidates, samples=args.calib_samples)
+    full = [ResQConfig(scheme=Scheme.parse(text), period=period, calibration=calibration)
+            for text, period in configs]  # as compare_schemes builds the PTQ rows' configs
+    def label(row: Any) -> None:
+        row.method += "+qat"
+        if printer is not None:
+            printer(row)
+
+    rows = compare_configs(model, full, clips.calib, clips.evaluation, clips.labels,
+                           clips.num_classes, progress=not args.no_progress,
+                           include_float=False, prepare=trained, on_row=label)
+    return rows
+
+
+def is_primary() -> bool:
+    """Rank 0 of torchrun, or the only process."""
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def init_distributed() -> bool:
+    """Join the process group when started by torchrun (gloo on CPU, nccl with CUDA)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = check_options(parser, argv)
@@ -813,7 +877,14 @@ def main(argv: list[str] | None = None) -> int:
         clips = load_clips(args, model)
     except UsageError as err:
         parser.error(str(err))
-    return run(args, model, clips)
+    distributed = init_distributed()
+    try:
+        return run(args, model, clips)
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 def prefer_current_directory() -> None:

@@ -56,12 +56,15 @@ _EXPORTS = MappingProxyType({
     "quantization_disabled": "resq_brevitas.quant.control",
     "ResQModel": "resq_brevitas.temporal.model",
     "with_execution": "resq_brevitas.convert",
+    "train_qat": "resq_brevitas.train",
+    "QATHistory": "resq_brevitas.train",
+    "FloatTeacher": "resq_brevitas.train",
 })
 
 #: Subpackages and modules reachable as attributes (``resq.nn.ResQConv2d``).
 _SUBMODULES = frozenset({
     "bn_fold", "checks", "cost", "demo", "deploy", "experiments", "nn", "observers", "policy",
-    "quant", "temporal",
+    "quant", "temporal", "train",
 })
 
 #: Public functions whose names are also submodules: importing ``resq_brevitas.convert`` binds

@@ -26,6 +26,7 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -304,17 +305,11 @@ def calibrate(qm: ResQModel, clips: Iterable[Any], *, samples: int | None = None
             with torch.no_grad(), quantization_disabled(qm):
                 _run_pass(qm, clips, settings.samples, observe_range, "calibration ranges",
                           progress)
+                _end_range_pass(searches)
                 if qm.config.act_signedness == "auto":
                     _unsigned_where_non_negative(qm, targets, searches)
                 _run_pass(qm, clips, settings.samples, accumulate, "calibration line search",
                           progress)
-            unseen = [f"{name} ({_OBSERVED[path]})" for (name, path, _), s in searches.items()
-                      if not s.observed]
-            if unseen and not distributed_initialized():
-                raise ValueError(
-                    f"calibration clips never reached these layer inputs: {', '.join(unseen)}; "
-                    "residual quantizers need clips of at least 2 frames"
-                )
             zero = [key for key, search in searches.items() if _zero_range(search)]
             for key, search in searches.items():
                 threshold, _, _ = search.result()
@@ -347,6 +342,29 @@ def _zero_range(search: StreamingLineSearch) -> bool:
     return search.global_min == 0.0 and search.global_max == 0.0
 
 
+def _end_range_pass(searches: dict[tuple[str, str, int], StreamingLineSearch]) -> None:
+    """End pass 1 of every search, on every rank in the same order.
+
+    Under torch.distributed a rank may see no sample of some input (its clips hold one frame:
+    no residual), and a search that ended pass 1 lazily, at its first sample of pass 2, would
+    all-reduce at a different point on each rank (a collective mismatch that aborts the group).
+    Here every rank first agrees on which inputs were seen anywhere (one all-reduce), raises the
+    same error if some input was seen nowhere, then reduces every range in key order.
+    """
+    seen = torch.tensor([float(s.observed) for s in searches.values()], dtype=torch.float64)
+    if distributed_initialized():
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+    unseen = [f"{name} ({_OBSERVED[path]})"
+              for ((name, path, _), _), flag in zip(searches.items(), seen.tolist()) if not flag]
+    if unseen:
+        raise ValueError(
+            f"calibration clips never reached these layer inputs: {', '.join(unseen)}; "
+            "residual quantizers need clips of at least 2 frames"
+        )
+    for search in searches.values():
+        search.thresholds()
+
+
 def _unsigned_where_non_negative(qm: ResQModel, targets: dict[tuple[str, str, int], Any],
                                  searches: dict[tuple[str, str, int], StreamingLineSearch]
                                  ) -> None:
@@ -354,9 +372,9 @@ def _unsigned_where_non_negative(qm: ResQModel, targets: dict[tuple[str, str, in
     every rank) become unsigned, and their search scores the unsigned grid. Residuals, which are
     signed by nature, stay signed."""
     for key, search in searches.items():
-        if key[1] != "keyframe" or not search.observed:
+        if key[1] != "keyframe":
             continue
-        search.thresholds()  # ends pass 1: the all-reduced range
+        search.thresholds()  # the all-reduced range (pass 1 ended on every rank)
         if search.global_min >= 0:
             search.signed = False
             qm.use_unsigned_input(key[0])

@@ -166,3 +166,23 @@ def make_mask_clip(batch: int = 2, frames: int = 6, size: int = 16, seed: int = 
     video = make_clip(batch, frames, 4, size, seed)
     return {"frame": video[:, :, :3].contiguous(),
             "mask": torch.sigmoid(video[:, :, 3:]).contiguous()}
+
+
+class TinySegNet(nn.Module):
+    """Two convolutions, a ReLU and a Linear on pooled features: a training test's model."""
+
+    def __init__(self, in_channels: int = 3, hidden: int = 6, classes: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, hidden, 3, padding=1)
+        self.conv2 = nn.Conv2d(hidden, classes, 3, padding=1)
+        self.fc = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.conv1(x))
+        return self.conv2(a) + self.fc(a.mean((2, 3)))[:, :, None, None]
+
+
+def make_tiny_segnet(seed: int = 0) -> TinySegNet:
+    """A TinySegNet in eval mode with seeded weights."""
+    torch.manual_seed(seed)
+    return TinySegNet().eval()

@@ -258,6 +258,7 @@ def compare_configs(
     include_float: bool = True,
     on_model: Callable[[ResQConfig, ResQModel], None] | None = None,
     on_row: Callable[[EvalRow], None] | None = None,
+    prepare: Callable[[ResQConfig, ResQModel], ResQModel] | None = None,
 ) -> list[EvalRow]:
     """Evaluate the float model and each full configuration on the same clips.
 
@@ -279,6 +280,9 @@ def compare_configs(
         num_classes: Number of classes for mIoU.
         progress: Show progress bars.
         include_float: Start with the float model's row.
+        prepare: ``prepare(config, qm) -> model`` between calibration and evaluation (e.g.
+            QAT); it must not modify ``qm`` in place (calibrated models are reused), so return
+            a trained copy.
         on_model: Called as ``on_model(config, qm)`` after each config's evaluation (e.g. to run
             one more clip and keep its ``last_bit_maps``).
         on_row: Called with each finished row (the float row included), e.g. to print it.
@@ -308,6 +312,8 @@ def compare_configs(
         bar.set_description_str(f"schemes: {config_label(config)}")
         qm = _calibrated_config(float_model, config, calib_clips, keyframe_models,
                                 calibrated_models)
+        if prepare is not None:  # e.g. QAT; calibrated models are shared: prepare copies
+            qm = prepare(config, qm)
         qm.measure_density = True  # the table reports densities and RRM's speedup for every row
         outputs, costs = [], []
         with torch.no_grad():

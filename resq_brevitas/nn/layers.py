@@ -27,6 +27,8 @@ from typing import Any, Protocol
 
 import brevitas.nn as qnn
 import torch
+from brevitas.core.restrict_val import LogFloatRestrictValue
+from brevitas.core.scaling import ParameterScaling
 from brevitas.graph.utils import signature_keys
 from torch import Tensor, nn
 
@@ -39,7 +41,7 @@ from resq_brevitas.nn.residual import (
     ResidualPath,
     build_residual_path,
 )
-from resq_brevitas.quant.quantizers import act_quant, weight_quant
+from resq_brevitas.quant.quantizers import ACT_THRESHOLD_FLOOR, act_quant, weight_quant
 
 __all__ = [
     "DEFAULT_LAYER_MAP",
@@ -117,6 +119,10 @@ def linear_macs(layer: Any, input_shape: tuple[int, ...], output_shape: tuple[in
 class ResQLayerMixin:
     """Keyframe path (the Brevitas layer itself) + residual path (``self.residual``)."""
 
+    #: ``state_dict`` format: 2 stores activation thresholds as ``log2`` (version 1, linear
+    #: thresholds, is converted on load; see :func:`_thresholds_to_log_domain`).
+    _version = 2
+
     #: The plain torch class this ResQ class replaces.
     float_class: type[nn.Module]
     #: The Brevitas class of the keyframe path and of the residual view.
@@ -177,6 +183,7 @@ class ResQLayerMixin:
             self._register_state_dict_hook(_drop_residual_weight)
             self.register_load_state_dict_pre_hook(_fill_residual_weight)
             self.register_load_state_dict_post_hook(_retie_residual_weight)
+        self.register_load_state_dict_pre_hook(_thresholds_to_log_domain)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """Keyframe path, unless a temporal executor is attached (then it decides per row)."""
@@ -260,6 +267,25 @@ def _fill_residual_weight(module: nn.Module, state_dict: dict, prefix: str, *arg
 def _retie_residual_weight(module: nn.Module, incompatible_keys: Any) -> None:
     if module.residual is not None and module.residual.view.weight is not module.weight:
         module.residual.view.weight = module.weight
+
+
+def _thresholds_to_log_domain(module: nn.Module, state_dict: dict, prefix: str,
+                              local_metadata: dict, *args: Any) -> None:
+    """Load a version-1 ``state_dict`` (linear activation thresholds, before the log-domain
+    parametrisation) into log-domain quantizers: ``value <- log2(value)``. A ``state_dict``
+    without metadata (rebuilt as a plain dict) is taken as the current format."""
+    if local_metadata.get("version", _CURRENT) >= 2:
+        return
+    for name, sub in module.named_modules():
+        if not isinstance(sub, ParameterScaling):
+            continue
+        key = f"{prefix}{name}.value"
+        restrict = sub.restrict_clamp_scaling.restrict_value_impl
+        if key in state_dict and isinstance(restrict, LogFloatRestrictValue):
+            state_dict[key] = torch.log2(state_dict[key].abs().clamp_min(ACT_THRESHOLD_FLOOR))
+
+
+_CURRENT = 2
 
 
 def _positional_names(brevitas_class: type[nn.Module]) -> list[str]:

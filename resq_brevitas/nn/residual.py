@@ -35,6 +35,7 @@ from resq_brevitas.config import Precision
 from resq_brevitas.nn.cost import precision_bops
 from resq_brevitas.nn.executors import ContributionOp, DenseOp
 from resq_brevitas.quant.fused import FusedActQuant
+from resq_brevitas.quant.line_search import scaling_threshold
 from resq_brevitas.quant.quantizers import act_quant, weight_quant
 
 __all__ = [
@@ -232,7 +233,8 @@ class StaticResidual(ResidualPath):
         scaling = self._parameter_scaling()
         if scaling is None:
             return 0.0
-        threshold = float(scaling.value.detach().abs().min())
+        with torch.no_grad():
+            threshold = float(scaling_threshold(scaling).abs().min())
         return threshold / (2 ** self.precision.act_bits[0] - 1) * (1.0 - 2.0 ** -20)
 
     def _parameter_scaling(self) -> ParameterScaling | None:

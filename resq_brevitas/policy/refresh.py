@@ -25,11 +25,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from resq_brevitas.config import ErrorBudgetRefresh, SceneCutRefresh
 from resq_brevitas.policy.base import StreamStatus
+from resq_brevitas.quant.line_search import distributed_initialized
 
 __all__ = [
     "ErrorBudgetTrigger",
@@ -259,15 +261,22 @@ class ErrorBudgetTrigger(nn.Module):
         finally:
             bar.close()
             qm.reset()
-        energy = torch.cat(energies)
+        energy = torch.cat(energies) if energies else torch.zeros(0, dtype=torch.float64)
+        error = torch.cat(errors) if errors else torch.zeros(0, dtype=torch.float64)
+        if distributed_initialized():
+            # Every rank fits on every rank's pairs, so the polynomial is the same everywhere
+            # (each rank fitting its own would give each its own refresh decisions).
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (energy, error))
+            energy = torch.cat([pair[0] for pair in gathered])
+            error = torch.cat([pair[1] for pair in gathered])
         if not bool((energy > 0).any()):
             warnings.warn(
                 "ErrorBudgetRefresh: the calibration clips truncated nothing (threshold too small "
                 "or clips static); the fitted polynomial is zero and the refresh never fires",
                 stacklevel=3,
             )
-        self.coefficients = fit_error_polynomial(energy, torch.cat(errors),
-                                                 self.settings.degree)
+        self.coefficients = fit_error_polynomial(energy, error, self.settings.degree)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"coefficients": self.coefficients}

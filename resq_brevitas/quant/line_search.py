@@ -29,6 +29,7 @@ __all__ = [
     "line_search",
     "StreamingLineSearch",
     "act_threshold",
+    "scaling_threshold",
     "distributed_initialized",
     "set_act_threshold",
 ]
@@ -201,14 +202,26 @@ def _parameter_scaling(act_quant_proxy: nn.Module) -> ParameterScaling:
     )
 
 
+def scaling_threshold(scaling: ParameterScaling) -> Tensor:
+    """The threshold a ``ParameterScaling`` applies, through its restriction (``2 ** value`` in
+    the log domain of :class:`~resq_brevitas.quant.quantizers.ResQActQuant`, the value itself
+    for a plain float restriction), with autograd."""
+    return scaling.restrict_clamp_scaling(scaling.value)
+
+
 def act_threshold(act_quant_proxy: nn.Module) -> float:
     """The range threshold ``max(r_max, -r_min)`` currently held by a ResQ activation quantizer."""
-    return _parameter_scaling(act_quant_proxy).value.detach().abs().max().item()
+    with torch.no_grad():
+        return scaling_threshold(_parameter_scaling(act_quant_proxy)).abs().max().item()
 
 
 def set_act_threshold(act_quant_proxy: nn.Module, threshold: float) -> None:
-    """Store a threshold in a ResQ activation quantizer (Brevitas glue for eq. 8's result)."""
+    """Store a threshold in a ResQ activation quantizer (Brevitas glue for eq. 8's result), in
+    the quantizer's own parametrisation (``log2`` for the log domain)."""
     if not threshold > 0:
         raise ValueError(f"threshold must be > 0, got {threshold}")
+    scaling = _parameter_scaling(act_quant_proxy)
+    restrict = scaling.restrict_clamp_scaling.restrict_value_impl
     with torch.no_grad():
-        _parameter_scaling(act_quant_proxy).value.fill_(threshold)
+        value = torch.tensor(float(threshold), dtype=scaling.value.dtype)
+        scaling.value.copy_(restrict.restrict_init_tensor(value).expand_as(scaling.value))

@@ -172,19 +172,25 @@ class ResQWeightPerChannelQuant(ResQWeightQuant):
 class ResQActQuant(IntQuant, ActQuantSolver):
     """Signed symmetric per-tensor activation quantizer with eq. 6 scale.
 
-    The range lives in a Brevitas ``ParameterScaling`` (learnable for QAT); its value is the
-    threshold ``max(r_max, -r_min)``, set by the line search (eq. 8) during calibration.
+    The range lives in a Brevitas ``ParameterScaling`` (learnable for QAT) that holds the
+    threshold ``max(r_max, -r_min)`` in the log domain (``RestrictValueType.LOG_FP``: the
+    parameter is ``log2(threshold)``, the quantizer uses ``2 ** value``), so that no gradient
+    step can make a scale negative; ``scaling_min_val`` keeps ``2 ** value`` from underflowing
+    to 0 (a division by zero in eq. 1) after a run of large steps, or after a range of exactly 0
+    (a state_dict). The line search (eq. 8) sets
+    it during calibration; read and write it with
+    :func:`~resq_brevitas.quant.line_search.act_threshold` / ``set_act_threshold``.
     """
 
     bit_width = 8
     scaling_impl_type = ScalingImplType.PARAMETER
     scaling_per_output_type = ScalingPerOutputType.TENSOR
-    restrict_scaling_type = RestrictValueType.FP
+    restrict_scaling_type = RestrictValueType.LOG_FP
     scaling_init = 1.0
-    # Positive floor of the threshold (Brevitas clamps the range parameter, with a straight-
-    # through gradient): a range of exactly 0 (a state_dict, a QAT step) would make the scale 0
-    # and residual frames 0/0 = NaN. 2^-15 keeps the scale a positive float16 number up to
-    # 8 bits (2^-15 / 255 > 2^-24) and is far below any real activation range.
+    # Positive floor of the threshold (Brevitas clamps ``2 ** value``, with a straight-through
+    # gradient): a range of exactly 0 would make the scale 0 and residual frames 0/0 = NaN.
+    # 2^-15 keeps the scale a positive float16 number up to 8 bits (2^-15 / 255 > 2^-24) and
+    # is far below any real activation range.
     scaling_min_val = ACT_THRESHOLD_FLOOR
     int_scaling_impl = HalfRangeIntScaling
     min_val = None

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from brevitas.proxy.quant_proxy import QuantProxyFromInjector
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
@@ -120,6 +121,16 @@ class ResQModel(nn.Module):
     Build it with :func:`resq_brevitas.convert`, calibrate it with
     :func:`resq_brevitas.calibrate`.
 
+    Training (QAT, :func:`resq_brevitas.train_qat` or your own loop): ``qm.train()`` /
+    ``qm.eval()`` switch the wrapped model as usual. BatchNorm was folded into the preceding
+    layers at conversion, so there are no batch statistics to update; dropout and other
+    train-only modules of the model behave as the model has them; the quantizers fake-quantize
+    in both modes, with straight-through rounding (the paper's section 5) and learnable
+    log-domain activation thresholds (:meth:`quantizer_parameters`; the weights and biases are
+    :meth:`weight_parameters`). :meth:`forward` keeps autograd across the clip and detaches
+    every stored reference when it returns, so no graph outlives the clip. In training mode
+    :attr:`training_phase` may randomise each row's keyframe phase.
+
     Args:
         model: The converted model (its supported layers replaced by ResQ layers).
         config: The configuration it was converted with.
@@ -187,6 +198,33 @@ class ResQModel(nn.Module):
         #: Time-batched clips: at most this many rows (streams x frames) per model call, to
         #: bound memory on long clips (``None``: the whole clip at once).
         self.max_frames_per_batch: int | None = None
+        #: Keyframe phase of a fresh clip in training mode (:meth:`forward` while
+        #: ``self.training``): ``"zero"`` (frame 0 starts a full period, as in eval) or
+        #: ``"random"`` (frame 0 is still a keyframe, but each batch row's next keyframe comes
+        #: after a random ``1..period`` frames, so short clips train every residual position
+        #: of the schedule; one extra model call for frame 0). Eval always uses ``"zero"``.
+        self.training_phase = "zero"
+
+    # ------------------------------------------------------------------ training
+    def quantizer_parameters(self) -> Iterator[nn.Parameter]:
+        """The learnable quantizer parameters: every parameter held by a Brevitas quant proxy
+        (the activation thresholds, ``log2`` of ``max(r_max, -r_min)``, of the keyframe,
+        residual and pool quantizers). LSQ-style QAT gives them their own learning rate."""
+        seen: set[int] = set()
+        for module in self.modules():
+            if isinstance(module, QuantProxyFromInjector):
+                for param in module.parameters():
+                    if id(param) not in seen:
+                        seen.add(id(param))
+                        yield param
+
+    def weight_parameters(self) -> Iterator[nn.Parameter]:
+        """Every other parameter: layer weights (each shared weight once) and biases, and the
+        parameters of float layers and learned policies."""
+        quantizer = {id(p) for p in self.quantizer_parameters()}
+        for param in self.parameters():
+            if id(param) not in quantizer:
+                yield param
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -639,11 +677,14 @@ class ResQModel(nn.Module):
         return (self.clip_execution == "auto" and not self._mode.advances
                 and len(self.refresh_triggers) == 0)
 
-    def step_clip(self, video: Any) -> Any:
+    def step_clip(self, video: Any, *, keep_graph: bool = False) -> Any:
         """Continue every row's stream with the frames of a clip ``[B, T, C, ...]``.
 
         The same as calling :meth:`step` on each frame (same outputs, state and ``last_cost``),
         time-batched when the mode allows: for a stream decoded a chunk of frames at a time.
+        ``keep_graph=True`` keeps autograd across the chunk's frames, as :meth:`forward` does
+        (truncated backpropagation through time: the carried references are detached, before
+        and after).
 
         Raises:
             TypeError, ValueError: On a malformed clip, or a shape change mid-stream; the state
@@ -651,13 +692,21 @@ class ResQModel(nn.Module):
         """
         clip = self.check_video(video, stream=True)
         self._check_calibrated()
-        return self._run_recorded(clip, detach=True)
+        if not keep_graph:
+            return self._run_recorded(clip, detach=True)
+        for state in self._states.values():
+            state.detach()
+        out = self._run_recorded(clip, detach=False)
+        for state in self._states.values():
+            state.detach()
+        return out
 
-    def _run_recorded(self, video: ClipInputs, detach: bool) -> Any:
+    def _run_recorded(self, video: ClipInputs, detach: bool, start_phase: Tensor | None = None
+                      ) -> Any:
         """:meth:`run_clip` that restores the state on failure and records ``last_*``."""
         saved = self._snapshot()
         try:
-            out, frames = self.run_clip(video, detach=detach)
+            out, frames = self.run_clip(video, detach=detach, start_phase=start_phase)
         except BaseException:
             self._restore(saved)
             raise
@@ -675,12 +724,19 @@ class ResQModel(nn.Module):
         is kept across the clip (for QAT through time). How the clip runs: see
         :attr:`batches_clips` and :attr:`max_frames_per_batch`.
         """
+        if self.training_phase not in ("zero", "random"):
+            raise ValueError(f"training_phase must be 'zero' or 'random', got "
+                             f"{self.training_phase!r}")
         clip = self.check_video(video)
         self._check_calibrated(stacklevel=5)  # through nn.Module.__call__ to the caller
         saved = self._snapshot()
         self.reset()
+        start = None
+        if self.training and self.training_phase == "random" and self.period > 1:
+            first_period = torch.randint(1, self.period + 1, (clip.batch,))
+            start = self.period + 1 - first_period  # phase after frame 0 (see run_clip)
         try:
-            out = self._run_recorded(clip, detach=False)
+            out = self._run_recorded(clip, detach=False, start_phase=start)
         except BaseException:
             self._restore(saved)
             raise
@@ -690,7 +746,8 @@ class ResQModel(nn.Module):
         return out
 
     def run_clip(self, video: Any, *, adaptive: bool = True, detach: bool = True,
-                 observer: Observer | None = None) -> tuple[Any, list[CallRecord]]:
+                 observer: Observer | None = None, start_phase: Tensor | None = None
+                 ) -> tuple[Any, list[CallRecord]]:
         """Continue every stream with the frames of ``video``, time-batched when the mode allows
         (:attr:`batches_clips`), else frame by frame. ``last_*`` are not updated, and the
         state is not restored on failure (:meth:`step_clip` does both).
@@ -701,12 +758,23 @@ class ResQModel(nn.Module):
             adaptive: Let refresh triggers force keyframes (calibration: fixed schedule only).
             detach: Detach the stored references from autograd.
             observer: Optional calibration hook.
+            start_phase: Long ``[B]``: each stream's phase right after frame 0 (instead of 1),
+                which moves its next keyframe to frame ``period + 1 - start_phase``
+                (``training_phase="random"``); frame 0 then runs as a call of its own.
 
         Returns:
             The outputs stacked on dim 1, and per frame ``(key mask, StepOutputs)``.
         """
         if not isinstance(video, ClipInputs):
             video = self.check_video(video, stream=True)
+        if start_phase is not None and video.frames > 1:
+            first, first_records = self.run_clip(video.chunk(0, 1), adaptive=adaptive,
+                                                 detach=detach, observer=observer)
+            self._stream.phase = start_phase.clone()
+            rest, records = self.run_clip(video.chunk(1, video.frames), adaptive=adaptive,
+                                          detach=detach, observer=observer)
+            out = tree_map(lambda *leaves: torch.cat(leaves, 1), first, rest)
+            return out, first_records + records
         if self.batches_clips or (not adaptive and not self._mode.advances
                                   and self.clip_execution == "auto"):
             saved = self._snapshot()
