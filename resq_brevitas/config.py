@@ -38,6 +38,7 @@ __all__ = [
     "RefreshSettings",
     "ResQConfig",
     "Scheme",
+    "check_residual_weights",
     "SceneCutRefresh",
     "load_object",
     "validate_bits",
@@ -55,11 +56,13 @@ ReferenceKind = Literal["keyframe", "previous"]
 Signedness = Literal["signed", "auto"]
 PolicyGranularity = Literal["pixel", "region", "frame"]
 Execution = Literal["dense", "sparse"]
+ResidualWeights = Literal["separate", "truncated"]
 _GRANULARITIES = ("tensor", "channel")
 _REFERENCES = ("keyframe", "previous")
 _SIGNEDNESS = ("signed", "auto")
 _POLICY_GRANULARITIES = ("pixel", "region", "frame")
 _EXECUTIONS = ("dense", "sparse")
+_RESIDUAL_WEIGHTS = ("separate", "truncated")
 
 # Bit widths are written without leading zeros ("W08A8" is refused, "W8A{0,4,8}" is fine).
 _BITS = r"(?:0|[1-9]\d*)"
@@ -88,6 +91,28 @@ def validate_bits(bits: Any, name: str, allow_zero: bool = True) -> int:
         return bits
     allowed = f"{'0 or ' if allow_zero else ''}2..{MAX_BITS}"
     raise ValueError(f"{name} must be {allowed}, got {bits}")
+
+
+def check_residual_weights(residual_weights: Any, keyframe: Precision,
+                           residual: Precision | None, where: str = "") -> None:
+    """Check the ``residual_weights`` option against one keyframe/residual pair.
+
+    ``"truncated"`` (VideoIQ any-precision weights) takes the residual weight from the keyframe's
+    integer, so both must be quantized and the residual's bits may not exceed the keyframe's.
+
+    Raises:
+        ValueError: An unknown option, or a pair ``"truncated"`` cannot serve.
+    """
+    check_choice(residual_weights, "residual_weights", _RESIDUAL_WEIGHTS)
+    if residual_weights != "truncated" or residual is None:
+        return
+    key_bits, res_bits = keyframe.weight_bits, residual.weight_bits
+    if key_bits is None or res_bits is None or res_bits > key_bits:
+        raise ValueError(
+            f"residual_weights='truncated' takes the residual weight from the keyframe's integer "
+            f"weight: both must be quantized and residual weight bits <= keyframe weight bits; "
+            f"got {keyframe}->{residual}{where}"
+        )
 
 
 def load_object(spec: str) -> Any:
@@ -498,6 +523,12 @@ class ResQConfig:
             same outputs up to float summation order; layers the sparse executor cannot run stay
             dense and are listed in ``qm.dense_fallback_layers``. Traced and exported graphs
             always use the dense op.
+        residual_weights: ``"separate"`` (the default): the residual path quantizes the weight
+            with its own quantizer (ResQ). ``"truncated"``: VideoIQ's any-precision weights: the
+            residual weight is the keyframe's integer weight with its least significant bits
+            dropped and its mean re-aligned (:mod:`resq_brevitas.quant.any_precision`), so a
+            deployed model stores one integer weight for both paths. Needs quantized weights
+            with residual bits <= keyframe bits on every layer with a residual path.
     """
 
     scheme: Scheme = "W8A8->W4A4"  # type: ignore[assignment]  # parsed in __post_init__
@@ -514,6 +545,7 @@ class ResQConfig:
     overrides: tuple[LayerOverride, ...] = ()
     act_signedness: Signedness = "signed"
     execution: Execution = "dense"
+    residual_weights: ResidualWeights = "separate"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheme", Scheme.parse(self.scheme))
@@ -536,6 +568,10 @@ class ResQConfig:
                 f"got threshold={self.threshold}"
             )
         object.__setattr__(self, "overrides", self._normalized_overrides())
+        check_residual_weights(self.residual_weights, self.scheme.keyframe, self.scheme.residual)
+        for item in self.overrides:
+            check_residual_weights(self.residual_weights, item.scheme.keyframe,
+                                   item.scheme.residual, f" (override {item.layers})")
         self._check_policy()
         object.__setattr__(self, "refresh", self._normalized_refresh())
 

@@ -166,7 +166,8 @@ def convert(model: nn.Module, config: ResQConfig | None = None,
         net = ToResQLayer(module, layer_map[type(module)], keyframe=scheme.keyframe,
                           residual=scheme.residual,
                           weight_granularity=config.weight_granularity,
-                          policy=policy if scheme.is_dynamic else None).apply(net)
+                          policy=policy if scheme.is_dynamic else None,
+                          residual_weights=config.residual_weights).apply(net)
     qm = ResQModel(net, config, tuple(unsupported), tuple(skipped), layer_map=layer_map)
     qm.bn_fold_pending = bn_fold_pending
     _set_execution(qm, config.execution, {}, stacklevel=3)

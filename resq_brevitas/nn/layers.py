@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import brevitas.nn as qnn
 from torch import Tensor, nn
 
-from resq_brevitas.config import Precision
+from resq_brevitas.config import Precision, check_residual_weights
 from resq_brevitas.nn.cost import precision_bops
 from resq_brevitas.nn.residual import (
     CalibrationTarget,
@@ -105,13 +105,16 @@ class ResQLayerMixin:
 
     def _init_resq(self, keyframe: Precision, residual: Precision | None,
                    weight_granularity: str, layer_kwargs: dict[str, Any],
-                   policy: PrecisionPolicy | None) -> None:
+                   policy: PrecisionPolicy | None, residual_weights: str = "separate") -> None:
         self._temporal: TemporalExecutor | None = None
         self.keyframe_precision = keyframe
         self.residual_precision = residual
         self.weight_granularity = weight_granularity
+        self.residual_weights = residual_weights
+        truncate_from = keyframe.weight_bits if residual_weights == "truncated" else None
         self.residual = build_residual_path(self.brevitas_class, residual, weight_granularity,
-                                            layer_kwargs, policy, self.channel_dim)
+                                            layer_kwargs, policy, self.channel_dim,
+                                            truncate_from)
         if self.residual is not None:
             self.residual.view.weight = self.weight
             self._register_state_dict_hook(_drop_residual_weight)
@@ -211,7 +214,8 @@ def _positional_names(brevitas_class: type[nn.Module]) -> list[str]:
 def _make_init(brevitas_class: type[nn.Module]):
     def __init__(self, *args: Any, keyframe: Precision | str = "W8A8",
                  residual: Precision | str | None = "W4A4", weight_granularity: str = "tensor",
-                 policy: PrecisionPolicy | None = None, **layer_kwargs: Any) -> None:
+                 policy: PrecisionPolicy | None = None, residual_weights: str = "separate",
+                 **layer_kwargs: Any) -> None:
         """Build the keyframe layer and its residual path.
 
         Args:
@@ -221,6 +225,9 @@ def _make_init(brevitas_class: type[nn.Module]):
                 ``None`` for frame quantization (no residual path).
             weight_granularity: ``"tensor"`` or ``"channel"`` weight scales.
             policy: The precision policy of a pool residual.
+            residual_weights: ``"separate"`` (the residual weight has its own quantizer) or
+                ``"truncated"`` (it is the truncated view of the keyframe's integer weight,
+                VideoIQ any-precision: one integer stored for both paths).
             **layer_kwargs: Keyword arguments of the torch layer (stride, padding, bias, ...).
         """
         names = _positional_names(brevitas_class)
@@ -232,6 +239,7 @@ def _make_init(brevitas_class: type[nn.Module]):
             Precision.parse(residual))
         if key.is_pool or key.act_bits == (0,):
             raise ValueError(f"keyframe must be a static precision with activations, got {key}")
+        check_residual_weights(residual_weights, key, res)
         brevitas_class.__init__(
             self,
             weight_quant=weight_quant(key.weight_bits, weight_granularity),
@@ -239,7 +247,7 @@ def _make_init(brevitas_class: type[nn.Module]):
             return_quant_tensor=False,
             **layer_kwargs,
         )
-        self._init_resq(key, res, weight_granularity, layer_kwargs, policy)
+        self._init_resq(key, res, weight_granularity, layer_kwargs, policy, residual_weights)
 
     return __init__
 
