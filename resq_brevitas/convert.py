@@ -152,7 +152,8 @@ def convert(model: nn.Module, config: ResQConfig | None = None,
         if config.strict:
             raise ValueError(message)
         warnings.warn(message, stacklevel=2)
-    policy = build_policy(config.policy) if config.policy is not None else None
+    per_frame = getattr(type(config.policy), "per_frame", False)  # the ResQModel builds it
+    policy = build_policy(config.policy) if config.policy is not None and not per_frame else None
     targets, skipped = [], []
     for name, module in net.named_modules():
         if type(module) not in layer_map:
@@ -167,7 +168,8 @@ def convert(model: nn.Module, config: ResQConfig | None = None,
                           residual=scheme.residual,
                           weight_granularity=config.weight_granularity,
                           policy=policy if scheme.is_dynamic else None,
-                          residual_weights=config.residual_weights).apply(net)
+                          residual_weights=config.residual_weights,
+                          family=scheme if scheme.is_family else None).apply(net)
     qm = ResQModel(net, config, tuple(unsupported), tuple(skipped), layer_map=layer_map)
     qm.bn_fold_pending = bn_fold_pending
     _set_execution(qm, config.execution, {}, stacklevel=3)

@@ -26,11 +26,12 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from resq_brevitas.checks import check_frame
-from resq_brevitas.config import ResQConfig, Scheme
+from resq_brevitas.config import ResQConfig, Scheme, load_object
 from resq_brevitas.nn.cost import CostReport, CostTally
 from resq_brevitas.nn.layers import DEFAULT_LAYER_MAP, ResQLayerMixin, is_resq_layer
 from resq_brevitas.policy.base import StreamStatus, build_policy, build_refresh
 from resq_brevitas.quant.quantizers import make_unsigned
+from resq_brevitas.temporal.actions import ActionExecutor
 from resq_brevitas.temporal.clip import ClipExecutor, ClipLayout, NotBatchable, plan_clip
 from resq_brevitas.temporal.context import (
     FrameContext,
@@ -161,6 +162,20 @@ class ResQModel(nn.Module):
             t for t in (build_refresh(r) for r in config.refresh) if t is not None)
         self._stream = StreamState()
         self._mode = ResidualMode.from_config(config)
+        #: Family schemes (VideoIQ): the learned per-frame policy network (its parameters are
+        #: the model's), and the executor that runs one action per stream and frame.
+        self.frame_policy: nn.Module | None = None
+        self._actions: ActionExecutor | None = None
+        if config.scheme.is_family:
+            self.frame_policy = load_object(type(config.policy).implementation)(
+                config.policy, config.scheme.family)
+            self._actions = ActionExecutor(config.scheme, config.period, self._mode)
+        #: Family schemes: long ``[B, T]`` action index per stream and frame of the last call
+        #: (``-1``: a keyframe the schedule forced), the BOPs of each (``last_row_bops``) and
+        #: the policy's logits and samples (``last_policy``, for the losses of eq. 10-13).
+        self.last_actions: Tensor | None = None
+        self.last_row_bops: Tensor | None = None
+        self.last_policy: Any = None
         #: ``(frame rank incl. batch, channels)``, learnt at calibration or at the first frame.
         self.input_spec: tuple[int, int] | None = None
         self.calibrated = False
@@ -265,6 +280,8 @@ class ResQModel(nn.Module):
             for state in self._states.values():
                 state.reset()
             self._stream = StreamState()
+            if self._actions is not None:
+                self._actions.reset()
             return
         stream = self._stream
         if stream.phase is None:
@@ -276,6 +293,8 @@ class ResQModel(nn.Module):
             raise ValueError(f"rows must index the stream's {mask.numel()} batch rows, got "
                              f"{rows!r}") from err
         stream.phase = torch.where(mask, torch.zeros_like(stream.phase), stream.phase)
+        if self._actions is not None:
+            self._actions.reset(mask)
         if stream.energy is not None:
             stream.energy = torch.where(mask, torch.zeros_like(stream.energy), stream.energy)
 
@@ -521,6 +540,8 @@ class ResQModel(nn.Module):
                 The model's state is unchanged after an error.
         """
         self.check_frame(frame)
+        if self._actions is not None:  # a family scheme: one learned action per stream
+            return self._actions.step(self, frame)
         out, record = self._run_frame(frame, True, True, None)
         self._record([record])
         return out
@@ -576,6 +597,8 @@ class ResQModel(nn.Module):
         :attr:`batches_clips` and :attr:`max_frames_per_batch`.
         """
         self._check_video(video)
+        if self._actions is not None:  # a family scheme: one learned action per stream
+            return self._actions.forward(self, video)
         saved = self._snapshot()
         self.reset()
         try:
