@@ -16,6 +16,8 @@ backbone's and reported in ``last_cost.per_frame_policy``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,8 +168,8 @@ class FramePolicyNetwork(nn.Module):
             self.lstm = nn.LSTMCell(channels, settings.hidden)
             self.head = nn.Linear(settings.hidden, len(self.actions))
         self.temperature = float(settings.temperature)
-        #: Training step counter of the temperature schedule (the trainer advances it).
-        self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+        #: An action every row takes whatever the frame (:meth:`forced`), else ``None``.
+        self.forced_action: int | None = None
 
     @property
     def num_actions(self) -> int:
@@ -209,11 +211,34 @@ class FramePolicyNetwork(nn.Module):
                 a stream's first output); ``None``: all.
             generator: Optional generator for the Gumbel noise.
         """
+        if self.forced_action is not None:
+            forced = F.one_hot(torch.full(logits.shape[:-1], self.forced_action,
+                                          device=logits.device), logits.shape[-1])
+            return forced.to(logits.dtype)
         if allowed is not None:
             logits = logits.masked_fill(~allowed, -1e9)
         if self.training:
             return gumbel_softmax_eq6(logits, self.temperature, hard=True, generator=generator)
         return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+
+    @contextmanager
+    def forced(self, action: int) -> Iterator[None]:
+        """Within the block every row takes ``action`` (a constant one-hot: no gradient to the
+        policy), e.g. to run one precision of the family for eq. 9's joint training; a stream's
+        first frame may still not skip (the executor runs the highest member instead).
+
+        Raises:
+            ValueError: ``action`` is not an index of the family.
+        """
+        if isinstance(action, bool) or not isinstance(action, int) or not (
+                0 <= action < self.num_actions):
+            raise ValueError(f"action must be an index into the {self.num_actions} actions, "
+                             f"got {action!r}")
+        previous, self.forced_action = self.forced_action, action
+        try:
+            yield
+        finally:
+            self.forced_action = previous
 
     def macs(self, frame_shape: tuple[int, ...]) -> int:
         """MACs of one frame of one stream: the convs (``out elements * C_in * 9``), the LSTM

@@ -190,6 +190,10 @@ class ActionExecutor:
                                       for i, a in enumerate(actions) if a.kind == "precision"]
         if self.side == "residual":
             self.options.append(Option("key", self.key_index))
+        #: The highest precision member (what a row runs when it may not take its action).
+        self.top_index = next(i for i, a in enumerate(actions)
+                              if a.precision == (scheme.keyframe if self.side == "frame"
+                                                 else scheme.residual))
         self.stream = _Stream()
 
     # ------------------------------------------------------------------ state
@@ -269,6 +273,11 @@ class ActionExecutor:
         if self.skip_index is not None:
             allowed[:, self.skip_index] = seen
         samples = policy.sample(logits, allowed)
+        refused = (samples.detach() * (~allowed).to(samples.dtype)).sum(-1) > 0
+        if bool(refused.any()):  # a forced action a row may not take: its highest member
+            fallback = torch.zeros_like(samples)
+            fallback[:, self.top_index] = 1.0
+            samples = torch.where(refused.unsqueeze(1), fallback, samples)
         chosen = samples.detach().argmax(-1)
         # The mixing weights of the options that run the model, and of skip.
         weights = self._option_weights(samples, scheduled)

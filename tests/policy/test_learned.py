@@ -283,3 +283,63 @@ def test_recognition_average_excludes_skipped_frames():
     expected = torch.stack([(outputs[0, 0] + outputs[0, 2]) / 2, outputs[1, 3]])
     assert torch.equal(got, expected)
     assert torch.equal(recognition_average(outputs, actions, None), outputs.mean(1))
+
+
+# ---------------------------------------------------------------- the two training stages
+def _teacher():
+    return _net()
+
+
+def test_forced_context_sets_and_restores_the_action():
+    qm = _model("{W8A8,W4A4,skip}")
+    video = _video(frames=3)
+    with torch.no_grad(), qm.frame_policy.forced(2):
+        qm(video)
+    # skip is refused on the first frame (no output yet): the highest member runs instead
+    assert qm.last_actions.tolist() == [[0, 2, 2]] * 3
+    assert qm.frame_policy.forced_action is None
+    with pytest.raises(ValueError, match="action"):
+        with qm.frame_policy.forced(3):
+            pass
+
+
+def test_train_policy_lowers_bops_and_leaves_the_backbone_frozen():
+    from resq_brevitas.policy.videoiq_training import train_policy
+
+    qm = _model("{W8A8,W4A4,W2A2,skip}")
+    clips = [_video(batch=2, frames=4, seed=s) for s in range(2)]
+    backbone = {k: v.clone() for k, v in qm.model.state_dict().items()}
+    with torch.no_grad():
+        qm(clips[0])
+    before = qm.last_cost.mean_bops
+    history = train_policy(qm, clips, _teacher(), steps=12, lr=0.05, w_efficiency=5.0,
+                           progress=False)
+    assert len(history) == 12 and history[0]["temperature"] == 5.0
+    assert history[-1]["temperature"] < history[0]["temperature"]
+    with torch.no_grad():
+        qm(clips[0])
+    assert qm.last_cost.mean_bops < before
+    for key, value in qm.model.state_dict().items():
+        assert torch.equal(value, backbone[key]), key
+    assert all(p.requires_grad for p in qm.model.parameters())
+
+
+def test_train_any_precision_lowers_the_eq9_loss_and_leaves_the_policy():
+    from resq_brevitas.policy.videoiq_training import (
+        any_precision_loss_eq9,
+        teacher_outputs,
+        train_any_precision,
+    )
+
+    qm = _model("{W8A8,W4A4,W2A2,skip}")
+    teacher = _teacher()
+    video = _video(batch=2, frames=3)
+    policy = {k: v.clone() for k, v in qm.frame_policy.state_dict().items()}
+    with torch.no_grad():
+        before = float(any_precision_loss_eq9(qm, video, teacher_outputs(teacher, video)))
+    history = train_any_precision(qm, [video], teacher, steps=8, lr=3e-3, progress=False)
+    with torch.no_grad():
+        after = float(any_precision_loss_eq9(qm, video, teacher_outputs(teacher, video)))
+    assert len(history) == 8 and after < before
+    for key, value in qm.frame_policy.state_dict().items():
+        assert torch.equal(value, policy[key]), key
