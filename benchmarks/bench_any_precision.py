@@ -42,13 +42,40 @@ def stored_weight_bytes(model: torch.nn.Module, config: resq.ResQConfig) -> floa
     return total
 
 
+def weight_error(model: torch.nn.Module, config: resq.ResQConfig) -> tuple[float, float]:
+    """Over all ResQ layers: the residual weight's relative squared error
+    ``sum ||q(w) - w||^2 / sum ||w||^2`` and the share of its entries that are exactly 0."""
+    qm = resq.convert(model, config)
+    err = norm = zeros = count = 0.0
+    with torch.no_grad():
+        for _, layer in qm.resq_layers():
+            w, q = layer.weight, layer.residual.quant_weight()
+            err += float((q - w).square().sum())
+            norm += float(w.square().sum())
+            zeros += float((q == 0).sum())
+            count += w.numel()
+    return err / norm, zeros / count
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--granularity", default="tensor", choices=("tensor", "channel"))
+    p.add_argument("--weights-only", action="store_true",
+                   help="only the residual weights' error and zero share (no evaluation)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = load_demo_model()
+    print(f"{'scheme':<12} {'kind':<10} {'rel. sq. error':>14} {'exact zeros':>11}")
+    for scheme in SCHEMES:
+        for kind in ("separate", "truncated"):
+            cfg = resq.ResQConfig(scheme=scheme, residual_weights=kind,
+                                  weight_granularity=args.granularity)
+            err, zeros = weight_error(model, cfg)
+            print(f"{scheme:<12} {kind:<10} {err:>14.4f} {zeros:>11.1%}")
+    print()
+    if args.weights_only:
+        return
     calib, clips, labels = demo_clips(64, 6, 16, 64)
     kinds = ("separate", "truncated")
     configs = [resq.ResQConfig(scheme=s, period=4, residual_weights=kind,
