@@ -303,6 +303,7 @@ def test_forced_context_sets_and_restores_the_action():
             pass
 
 
+@pytest.mark.slow
 def test_train_policy_lowers_bops_and_leaves_the_backbone_frozen():
     from resq_brevitas.policy.videoiq_training import train_policy
 
@@ -324,6 +325,7 @@ def test_train_policy_lowers_bops_and_leaves_the_backbone_frozen():
     assert all(p.requires_grad for p in qm.model.parameters())
 
 
+@pytest.mark.slow
 def test_train_any_precision_lowers_the_eq9_loss_and_leaves_the_policy():
     from resq_brevitas.policy.videoiq_training import (
         any_precision_loss_eq9,
