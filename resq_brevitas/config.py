@@ -372,8 +372,8 @@ class Scheme:
         parts = [p for p in re.split(r"->|→", text)]
         if len(parts) > 2 or any(not p.strip() for p in parts):
             raise ValueError(
-                f"scheme must be 'PREC', 'PREC->PREC', '{{A,B,...}}' or 'PREC->{{A,B,...}}' "
-                f"(e.g. 'W8A8->W4A4'), got {text!r}"
+                f"scheme must be 'PREC' or 'PREC->PREC' (e.g. 'W8A8->W4A4'), or a family "
+                f"'{{A,B,...}}' or 'PREC->{{A,B,...}}', got {text!r}"
             )
         try:
             if len(parts) == 2 and _is_family(parts[0]):
