@@ -41,6 +41,7 @@ _EXPORTS = MappingProxyType({
     "ErrorBudgetRefresh": "resq_brevitas.config",
     "FixedPeriodRefresh": "resq_brevitas.config",
     "LayerOverride": "resq_brevitas.config",
+    "LearnedFramePolicy": "resq_brevitas.config",
     "LineSearch": "resq_brevitas.config",
     "Precision": "resq_brevitas.config",
     "ResQConfig": "resq_brevitas.config",

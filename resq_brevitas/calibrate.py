@@ -37,6 +37,7 @@ from resq_brevitas.quant.control import quantization_disabled
 from resq_brevitas.quant.line_search import (
     StreamingLineSearch,
     act_threshold,
+    copy_act_threshold,
     distributed_initialized,
     set_act_threshold,
 )
@@ -435,7 +436,8 @@ def copy_ranges(source: ResQModel, target: ResQModel,
     if "keyframe" in paths:  # an unsigned range only means something on an unsigned grid
         for name in source.unsigned_inputs:
             target.use_unsigned_input(name)
-    set_activation_ranges(target, {_range_key(*k): act_threshold(src[k].proxy) for k in dst})
+    for key, dst_target in dst.items():
+        copy_act_threshold(src[key].proxy, dst_target.proxy)
     if set(_targets(target, PATHS)) <= set(dst):
         target.calibrated = True
     return target

@@ -31,13 +31,16 @@ __all__ = [
     "ErrorBoundPolicy",
     "ErrorBudgetRefresh",
     "FixedPeriodRefresh",
+    "FrameAction",
     "LayerOverride",
+    "LearnedFramePolicy",
     "LineSearch",
     "PolicySettings",
     "Precision",
     "RefreshSettings",
     "ResQConfig",
     "Scheme",
+    "check_residual_weights",
     "SceneCutRefresh",
     "load_object",
     "validate_bits",
@@ -55,11 +58,13 @@ ReferenceKind = Literal["keyframe", "previous"]
 Signedness = Literal["signed", "auto"]
 PolicyGranularity = Literal["pixel", "region", "frame"]
 Execution = Literal["dense", "sparse"]
+ResidualWeights = Literal["separate", "truncated"]
 _GRANULARITIES = ("tensor", "channel")
 _REFERENCES = ("keyframe", "previous")
 _SIGNEDNESS = ("signed", "auto")
 _POLICY_GRANULARITIES = ("pixel", "region", "frame")
 _EXECUTIONS = ("dense", "sparse")
+_RESIDUAL_WEIGHTS = ("separate", "truncated")
 
 # Bit widths are written without leading zeros ("W08A8" is refused, "W8A{0,4,8}" is fine).
 _BITS = r"(?:0|[1-9]\d*)"
@@ -88,6 +93,28 @@ def validate_bits(bits: Any, name: str, allow_zero: bool = True) -> int:
         return bits
     allowed = f"{'0 or ' if allow_zero else ''}2..{MAX_BITS}"
     raise ValueError(f"{name} must be {allowed}, got {bits}")
+
+
+def check_residual_weights(residual_weights: Any, keyframe: Precision,
+                           residual: Precision | None, where: str = "") -> None:
+    """Check the ``residual_weights`` option against one keyframe/residual pair.
+
+    ``"truncated"`` (VideoIQ any-precision weights) takes the residual weight from the keyframe's
+    integer, so both must be quantized and the residual's bits may not exceed the keyframe's.
+
+    Raises:
+        ValueError: An unknown option, or a pair ``"truncated"`` cannot serve.
+    """
+    check_choice(residual_weights, "residual_weights", _RESIDUAL_WEIGHTS)
+    if residual_weights != "truncated" or residual is None:
+        return
+    key_bits, res_bits = keyframe.weight_bits, residual.weight_bits
+    if key_bits is None or res_bits is None or res_bits > key_bits:
+        raise ValueError(
+            f"residual_weights='truncated' takes the residual weight from the keyframe's integer "
+            f"weight: both must be quantized and residual weight bits <= keyframe weight bits; "
+            f"got {keyframe}->{residual}{where}"
+        )
 
 
 def load_object(spec: str) -> Any:
@@ -207,17 +234,92 @@ class Precision:
         return f"W{self.weight_bits}A{self.act_bits[0]}"
 
 
+ActionKind = Literal["precision", "skip", "key"]
+_ACTION_WORDS = ("skip", "key")
+
+
+@dataclass(frozen=True)
+class FrameAction:
+    """One choice of a family (VideoIQ's action space ``Omega = B u {0}``, DESIGN section 4).
+
+    Attributes:
+        kind: ``"precision"`` (run the frame, or its residual, at ``precision``), ``"skip"``
+            (reuse the last output: zero cost; VideoIQ's 0 bits) or ``"key"`` (residual families
+            only: take a keyframe now).
+        precision: The static precision of a ``"precision"`` action, else ``None``.
+    """
+
+    kind: ActionKind
+    precision: Precision | None = None
+
+    def __post_init__(self) -> None:
+        check_choice(self.kind, "kind", ("precision", *_ACTION_WORDS))
+        if (self.kind == "precision") != (self.precision is not None):
+            raise ValueError(f"FrameAction: a precision is needed exactly for kind='precision', "
+                             f"got kind={self.kind!r}, precision={self.precision!r}")
+        precision = self.precision
+        if precision is not None and (precision.is_float or precision.is_pool
+                                      or precision.act_bits == (0,)):
+            raise ValueError(
+                "a family member must be a quantized static precision such as 'W4A4' (its "
+                f"weight is a truncated view of the highest one's), got {precision}"
+            )
+
+    @classmethod
+    def parse(cls, token: str) -> FrameAction:
+        """``"skip"``, ``"key"`` or a static precision (``"W4A4"``)."""
+        word = token.strip().lower()
+        if word in _ACTION_WORDS:
+            return cls(word)  # type: ignore[arg-type]
+        return cls("precision", Precision.parse(token))
+
+    def __str__(self) -> str:
+        return str(self.precision) if self.precision is not None else self.kind
+
+
+def _parse_family(text: str) -> tuple[FrameAction, ...]:
+    """The members of ``{A,B,...}`` in the written order (the policy's action indices)."""
+    body = text.strip()[1:-1]
+    if "{" in body or "}" in body:
+        raise ValueError(f"a family member cannot be a pool or a family, got {{{body}}}")
+    tokens = [t.strip() for t in body.split(",")]
+    if not body.strip() or any(not t for t in tokens):
+        raise ValueError(f"a family lists its members between braces, e.g. "
+                         f"'{{W8A8,W4A4,skip}}'; got {text.strip()!r}")
+    actions = tuple(FrameAction.parse(t) for t in tokens)
+    names = [str(a).lower() for a in actions]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a family must not repeat a member, got {text.strip()!r}")
+    if not any(a.kind == "precision" for a in actions):
+        raise ValueError(f"a family needs at least one precision, got {text.strip()!r}")
+    return actions
+
+
+def _is_family(text: str) -> bool:
+    token = text.strip()
+    return token.startswith("{") and token.endswith("}")
+
+
 @dataclass(frozen=True)
 class Scheme:
-    """Keyframe and residual precisions.
+    """Keyframe and residual precisions, or a per-frame family of choices.
+
+    A *frame family* ``{W8A8,W4A4,W2A2,skip}`` (VideoIQ) lets a learned policy run each frame at
+    one of the precisions (any-precision weights: one integer at the highest weight bits, the
+    others truncated views of it) or skip it; ``keyframe`` is then the highest precision and
+    ``residual`` is ``None``. A *residual family* ``W8A8->{W8A4,W4A4,skip,key}`` keeps keyframes
+    at ``keyframe`` and lets the policy pick each residual frame's precision, skip it or take a
+    keyframe now; ``residual`` is then its highest precision.
 
     Attributes:
         keyframe: Precision of keyframes (and of every frame under frame quantization).
         residual: Precision of residual frames, or ``None`` for frame quantization.
+        family: The family's actions in the written order, or ``()`` for a fixed scheme.
     """
 
     keyframe: Precision
     residual: Precision | None = None
+    family: tuple[FrameAction, ...] = ()
 
     def __post_init__(self) -> None:
         if self.keyframe.is_pool:
@@ -226,10 +328,38 @@ class Scheme:
             )
         if self.keyframe.act_bits == (0,):
             raise ValueError("scheme: keyframe activations cannot be 0-bit")
+        if self.family:
+            self._check_family()
+
+    def _check_family(self) -> None:
+        precisions = [a.precision for a in self.family if a.precision is not None]
+        side = "frame" if self.residual is None else "residual"
+        if side == "frame" and any(a.kind == "key" for a in self.family):
+            raise ValueError(f"scheme {self.notation}: 'key' needs residual frames; a frame "
+                             "family makes every frame a keyframe (write 'W8A8->{...,key}')")
+        if self.keyframe.is_float:
+            raise ValueError(f"scheme {self.notation}: a family needs quantized keyframe weights "
+                             "(its members truncate them)")
+        top = max(precisions, key=lambda p: (p.weight_bits, p.act_bits))
+        expected = top if side == "frame" else self.keyframe
+        assert expected.weight_bits is not None and self.keyframe.weight_bits is not None
+        if side == "frame" and self.keyframe != top:
+            raise ValueError(f"scheme: a frame family's keyframe precision is its highest "
+                             f"member {top}, got {self.keyframe}")
+        if side == "residual" and self.residual != top:
+            raise ValueError(f"scheme: a residual family's residual precision is its highest "
+                             f"member {top}, got {self.residual}")
+        for p in precisions:
+            assert p.weight_bits is not None
+            if p.weight_bits > self.keyframe.weight_bits:
+                raise ValueError(
+                    f"scheme {self.notation}: member {p} has more weight bits than the "
+                    f"{self.keyframe.weight_bits} it is truncated from"
+                )
 
     @classmethod
     def parse(cls, text: str | Scheme) -> Scheme:
-        """Parse ``PREC`` or ``PREC->PREC``.
+        """Parse ``PREC``, ``PREC->PREC``, ``{A,...}`` or ``PREC->{A,...}``.
 
         Raises:
             TypeError: If ``text`` is not a str or Scheme.
@@ -242,13 +372,35 @@ class Scheme:
         parts = [p for p in re.split(r"->|→", text)]
         if len(parts) > 2 or any(not p.strip() for p in parts):
             raise ValueError(
-                f"scheme must be 'PREC' or 'PREC->PREC' (e.g. 'W8A8->W4A4'), got {text!r}"
+                f"scheme must be 'PREC' or 'PREC->PREC' (e.g. 'W8A8->W4A4'), or a family "
+                f"'{{A,B,...}}' or 'PREC->{{A,B,...}}', got {text!r}"
             )
         try:
+            if len(parts) == 2 and _is_family(parts[0]):
+                raise ValueError("a family can be the whole scheme or its residual side only")
+            if _is_family(parts[-1]):
+                family = _parse_family(parts[-1])
+                top = max((a.precision for a in family if a.precision is not None),
+                          key=lambda p: (p.weight_bits, p.act_bits))
+                if len(parts) == 1:
+                    return cls(top, None, family)
+                return cls(Precision.parse(parts[0]), top, family)
             precisions = [Precision.parse(p) for p in parts]
         except (TypeError, ValueError) as err:
             raise ValueError(f"scheme {text!r} is invalid: {err}") from None
         return cls(precisions[0], precisions[1] if len(precisions) == 2 else None)
+
+    @property
+    def is_family(self) -> bool:
+        """Whether a learned policy picks an action per frame (a family scheme)."""
+        return bool(self.family)
+
+    @property
+    def family_side(self) -> str | None:
+        """``"frame"`` (``{...}``), ``"residual"`` (``PREC->{...}``) or ``None``."""
+        if not self.family:
+            return None
+        return "frame" if self.residual is None else "residual"
 
     @property
     def is_frame_quantization(self) -> bool:
@@ -262,7 +414,10 @@ class Scheme:
 
     @property
     def notation(self) -> str:
-        """The paper's notation, e.g. ``W8A8->W4A{0,4,8}``."""
+        """The paper's notation, e.g. ``W8A8->W4A{0,4,8}`` or ``W8A8->{W4A4,skip,key}``."""
+        if self.family:
+            members = "{" + ",".join(str(a) for a in self.family) + "}"
+            return members if self.residual is None else f"{self.keyframe}->{members}"
         if self.residual is None:
             return str(self.keyframe)
         return f"{self.keyframe}->{self.residual}"
@@ -345,6 +500,55 @@ class ErrorBoundPolicy:
         point = (f"tau={self.tau!r}" if self.target_bops is None
                  else f"target_bops={self.target_bops!r}")
         return f"ErrorBoundPolicy({point}, granularity={self.granularity!r}, k={self.k!r})"
+
+
+@dataclass(frozen=True)
+class LearnedFramePolicy:
+    """VideoIQ's learned per-frame policy (eq. 3-6) for a family scheme; implemented by
+    :class:`resq_brevitas.policy.learned.FramePolicyNetwork` (an ``nn.Module`` the
+    :class:`~resq_brevitas.ResQModel` owns as ``qm.frame_policy``: its parameters are in the
+    model's ``state_dict``).
+
+    A feature extractor (``len(channels)`` 3x3 stride-2 convs with ReLU on the frame average-
+    pooled to ``input_size``, then a global average) feeds an LSTM cell (eq. 3) whose hidden
+    state a linear head maps to a distribution over the family's actions (eq. 4). Training
+    samples Gumbel-Softmax with straight-through hard samples (eq. 5-6) at the temperature of
+    :class:`~resq_brevitas.policy.learned.AnnealedTemperature`; inference takes the argmax.
+
+    Attributes:
+        in_channels: Channels of the frames ``[B, C, H, W]``.
+        input_size: Side of the downsampled frame the policy sees (the paper: 84 px).
+        channels: Output channels of the feature extractor's convs.
+        hidden: LSTM hidden units (the paper: 512).
+        temperature: Gumbel-Softmax temperature of training samples (eq. 6); the policy
+            trainer anneals it from 5 towards 0.
+        seed: Seed of the initial parameters (two models built alike are equal).
+    """
+
+    implementation: ClassVar[str] = "resq_brevitas.policy.learned:FramePolicyNetwork"
+    #: A per-frame policy: it needs a family scheme (``{...}`` or ``PREC->{...}``).
+    per_frame: ClassVar[bool] = True
+
+    in_channels: int = 3
+    input_size: int = 16
+    channels: tuple[int, ...] = (8, 16)
+    hidden: int = 32
+    temperature: float = 5.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_int(self.in_channels, "in_channels", minimum=1)
+        check_int(self.input_size, "input_size", minimum=1)
+        if (isinstance(self.channels, (str, bytes)) or not isinstance(self.channels, Sequence)
+                or not self.channels):
+            raise TypeError(f"channels must be a non-empty tuple of ints, got {self.channels!r}")
+        for i, c in enumerate(self.channels):
+            check_int(c, f"channels[{i}]", minimum=1)
+        object.__setattr__(self, "channels", tuple(self.channels))
+        check_int(self.hidden, "hidden", minimum=1)
+        object.__setattr__(self, "temperature",
+                           check_real(self.temperature, "temperature", strict=True))
+        check_int(self.seed, "seed", minimum=0)
 
 
 @dataclass(frozen=True)
@@ -498,6 +702,12 @@ class ResQConfig:
             same outputs up to float summation order; layers the sparse executor cannot run stay
             dense and are listed in ``qm.dense_fallback_layers``. Traced and exported graphs
             always use the dense op.
+        residual_weights: ``"separate"`` (the default): the residual path quantizes the weight
+            with its own quantizer (ResQ). ``"truncated"``: VideoIQ's any-precision weights: the
+            residual weight is the keyframe's integer weight with its least significant bits
+            dropped and its mean re-aligned (:mod:`resq_brevitas.quant.any_precision`), so a
+            deployed model stores one integer weight for both paths. Needs quantized weights
+            with residual bits <= keyframe bits on every layer with a residual path.
     """
 
     scheme: Scheme = "W8A8->W4A4"  # type: ignore[assignment]  # parsed in __post_init__
@@ -514,6 +724,7 @@ class ResQConfig:
     overrides: tuple[LayerOverride, ...] = ()
     act_signedness: Signedness = "signed"
     execution: Execution = "dense"
+    residual_weights: ResidualWeights = "separate"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheme", Scheme.parse(self.scheme))
@@ -536,8 +747,13 @@ class ResQConfig:
                 f"got threshold={self.threshold}"
             )
         object.__setattr__(self, "overrides", self._normalized_overrides())
+        check_residual_weights(self.residual_weights, self.scheme.keyframe, self.scheme.residual)
+        for item in self.overrides:
+            check_residual_weights(self.residual_weights, item.scheme.keyframe,
+                                   item.scheme.residual, f" (override {item.layers})")
         self._check_policy()
         object.__setattr__(self, "refresh", self._normalized_refresh())
+        self._check_family()
 
     def _normalized_overrides(self) -> tuple[LayerOverride, ...]:
         items = self.overrides
@@ -556,8 +772,32 @@ class ResQConfig:
                 )
         return tuple(items)
 
+    def _check_family(self) -> None:
+        """A family scheme runs with a per-frame policy only, on the ResQ reference."""
+        scheme = self.scheme
+        if any(o.scheme.is_family for o in self.overrides) or (scheme.is_family
+                                                                 and self.overrides):
+            raise ValueError("per-layer overrides of family schemes are not supported; got "
+                             f"scheme {scheme} with overrides {self.overrides!r}")
+        per_frame = getattr(type(self.policy), "per_frame", False)
+        if scheme.is_family and not per_frame:
+            raise ValueError(f"scheme {scheme} is a family and needs a per-frame policy "
+                             f"(resq_brevitas.LearnedFramePolicy), got policy={self.policy!r}")
+        if per_frame and not scheme.is_family:
+            raise ValueError(f"policy {self.policy!r} picks an action per frame and needs a family "
+                             f"scheme ('{{W8A8,W4A4,skip}}' or 'W8A8->{{W4A4,skip,key}}'), got "
+                             f"scheme {scheme}")
+        if scheme.is_family and (self.reference != "keyframe" or self.threshold > 0
+                                 or self.adaptive_refresh):
+            raise ValueError(f"family scheme {scheme} runs with reference='keyframe', no "
+                             f"threshold and no adaptive refresh (its 'key' action is the learned "
+                             f"refresh); got reference={self.reference!r}, threshold="
+                             f"{self.threshold}, refresh={self.refresh!r}")
+
     def _check_policy(self) -> None:
         scheme = self.scheme
+        if scheme.is_family or getattr(type(self.policy), "per_frame", False):
+            return
         dynamic = scheme.is_dynamic or any(o.scheme.is_dynamic for o in self.overrides)
         if self.policy is not None and not _is_setting(self.policy):
             raise TypeError(

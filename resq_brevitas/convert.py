@@ -300,7 +300,8 @@ def convert(model: nn.Module, config: ResQConfig | None = None,
     bn_fold_pending = config.fold_bn and fold_batch_norms(net, layer_map=layer_map) is None
     found = survey(net, layer_map)
     _report(found, config.strict)
-    policy = build_policy(config.policy) if config.policy is not None else None
+    per_frame = getattr(type(config.policy), "per_frame", False)  # the ResQModel builds it
+    policy = build_policy(config.policy) if config.policy is not None and not per_frame else None
     targets, skipped = [], []
     for name, module, resq_class in found.targets:
         if filter_fn is not None and not filter_fn(module, name):
@@ -314,7 +315,9 @@ def convert(model: nn.Module, config: ResQConfig | None = None,
             new = resq_class.from_float(module, name, keyframe=scheme.keyframe,
                                         residual=scheme.residual,
                                         weight_granularity=config.weight_granularity,
-                                        policy=policy if scheme.is_dynamic else None)
+                                        policy=policy if scheme.is_dynamic else None,
+                                        residual_weights=config.residual_weights,
+                                        family=scheme if scheme.is_family else None)
         except ValueError as err:  # e.g. attention with add_bias_kv: it stays in float
             if config.strict:
                 raise

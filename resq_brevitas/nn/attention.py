@@ -64,6 +64,8 @@ class ResQAttentionBase(nn.Module):
         residual: Residual precision of the projections (``None``: frame quantization).
         weight_granularity: ``"tensor"`` or ``"channel"``.
         policy: Precision policy of a pool residual.
+        residual_weights: ``"separate"`` or ``"truncated"`` residual weights of the projections.
+        family: A family scheme (VideoIQ) the projections also build paths for.
     """
 
     #: The ResQ ``Linear`` class of the projections.
@@ -75,7 +77,8 @@ class ResQAttentionBase(nn.Module):
                  kdim: int | None = None, vdim: int | None = None, batch_first: bool = False,
                  *, keyframe: Precision | str = "W8A8", residual: Precision | str | None = "W4A4",
                  weight_granularity: str = "tensor",
-                 policy: PrecisionPolicy | None = None) -> None:
+                 policy: PrecisionPolicy | None = None, residual_weights: str = "separate",
+                 family: Any = None) -> None:
         super().__init__()
         linear = self.projection_class
         if embed_dim % num_heads:
@@ -86,7 +89,8 @@ class ResQAttentionBase(nn.Module):
         self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
         self.dropout, self.batch_first = dropout, batch_first
         resq: dict[str, Any] = {"keyframe": keyframe, "residual": residual,
-                                "weight_granularity": weight_granularity, "policy": policy}
+                                "weight_granularity": weight_granularity, "policy": policy,
+                                "residual_weights": residual_weights, "family": family}
         self.q_proj = linear(embed_dim, embed_dim, bias=bias, **resq)
         self.k_proj = linear(self.kdim, embed_dim, bias=bias, **resq)
         self.v_proj = linear(self.vdim, embed_dim, bias=bias, **resq)
@@ -96,7 +100,8 @@ class ResQAttentionBase(nn.Module):
     def from_float(cls, module: nn.Module, name: str | None = None, *,
                    keyframe: Precision | str = "W8A8", residual: Precision | str | None = "W4A4",
                    weight_granularity: str = "tensor",
-                   policy: PrecisionPolicy | None = None) -> ResQAttentionBase:
+                   policy: PrecisionPolicy | None = None, residual_weights: str = "separate",
+                   family: Any = None) -> ResQAttentionBase:
         """The ResQ attention of an ``nn.MultiheadAttention``, its weights copied (the packed
         ``in_proj_weight`` split in three, as ``F.multi_head_attention_forward`` does).
 
@@ -109,7 +114,8 @@ class ResQAttentionBase(nn.Module):
         e = module.embed_dim
         new = cls(e, module.num_heads, module.dropout, module.in_proj_bias is not None,
                   module.kdim, module.vdim, module.batch_first, keyframe=keyframe,
-                  residual=residual, weight_granularity=weight_granularity, policy=policy)
+                  residual=residual, weight_granularity=weight_granularity, policy=policy,
+                  residual_weights=residual_weights, family=family)
         ref = module.out_proj.weight
         new.to(device=ref.device, dtype=ref.dtype)
         if module._qkv_same_embed_dim:

@@ -32,9 +32,10 @@ from brevitas.core.scaling import ParameterScaling
 from brevitas.graph.utils import signature_keys
 from torch import Tensor, nn
 
-from resq_brevitas.config import Precision
+from resq_brevitas.config import Precision, Scheme, check_residual_weights
 from resq_brevitas.nn.attention import ResQAttentionBase
 from resq_brevitas.nn.cost import precision_bops
+from resq_brevitas.nn.family import FamilyPaths
 from resq_brevitas.nn.residual import (
     CalibrationTarget,
     PrecisionPolicy,
@@ -82,7 +83,8 @@ class ResQModule(Protocol):
     def from_float(cls, module: nn.Module, name: str | None = None, *,
                    keyframe: Precision | str, residual: Precision | str | None,
                    weight_granularity: str = "tensor",
-                   policy: PrecisionPolicy | None = None) -> nn.Module:
+                   policy: PrecisionPolicy | None = None, residual_weights: str = "separate",
+                   family: Scheme | None = None) -> nn.Module:
         """The ResQ module computing what ``module`` computes, with its weights."""
 
 
@@ -142,7 +144,8 @@ class ResQLayerMixin:
     def from_float(cls, module: nn.Module, name: str | None = None, *,
                    keyframe: Precision | str = "W8A8", residual: Precision | str | None = "W4A4",
                    weight_granularity: str = "tensor",
-                   policy: PrecisionPolicy | None = None) -> nn.Module:
+                   policy: PrecisionPolicy | None = None, residual_weights: str = "separate",
+                   family: Scheme | None = None) -> nn.Module:
         """The ResQ layer of a float layer (same hyper-parameters, weight and bias copied).
 
         The layer is built on the float weight's device and dtype; only the float tensors are
@@ -156,7 +159,7 @@ class ResQLayerMixin:
         allowed = set(signature_keys(cls.brevitas_class)) - _QUANT_KWARGS
         kwargs = {k: v for k, v in attrs.items() if k in allowed}
         new = cls(keyframe=keyframe, residual=residual, weight_granularity=weight_granularity,
-                  policy=policy, **kwargs)
+                  policy=policy, residual_weights=residual_weights, family=family, **kwargs)
         new.to(device=module.weight.device, dtype=module.weight.dtype)
         float_state = module.state_dict()
         unknown = set(float_state) - {"weight", "bias"}
@@ -171,15 +174,25 @@ class ResQLayerMixin:
 
     def _init_resq(self, keyframe: Precision, residual: Precision | None,
                    weight_granularity: str, layer_kwargs: dict[str, Any],
-                   policy: PrecisionPolicy | None) -> None:
+                   policy: PrecisionPolicy | None, residual_weights: str = "separate",
+                   family: Scheme | None = None) -> None:
         self._temporal: TemporalExecutor | None = None
         self.keyframe_precision = keyframe
         self.residual_precision = residual
         self.weight_granularity = weight_granularity
+        self.residual_weights = residual_weights
+        truncate_from = keyframe.weight_bits if residual_weights == "truncated" else None
         self.residual = build_residual_path(self.brevitas_class, residual, weight_granularity,
-                                            layer_kwargs, policy, self.channel_dim)
-        if self.residual is not None:
-            self.residual.view.weight = self.weight
+                                            layer_kwargs, policy, self.channel_dim,
+                                            truncate_from)
+        #: The per-action paths of a family scheme (VideoIQ), else ``None``.
+        self.family = (FamilyPaths(self.brevitas_class, family, weight_granularity, layer_kwargs,
+                                   residual_weights) if family is not None else None)
+        if self.family is not None:
+            self.family.tie(self.weight)
+        if self.residual is not None or self.family is not None:
+            if self.residual is not None:
+                self.residual.view.weight = self.weight
             self._register_state_dict_hook(_drop_residual_weight)
             self.register_load_state_dict_pre_hook(_fill_residual_weight)
             self.register_load_state_dict_post_hook(_retie_residual_weight)
@@ -221,6 +234,8 @@ class ResQLayerMixin:
             targets.append(CalibrationTarget("keyframe", 0, bits[0], self.input_quant, self))
         if self.residual is not None:
             targets.extend(self.residual.calibration_targets())
+        if self.family is not None:
+            targets.extend(self.family.calibration_targets())
         return targets
 
     def macs(self, input_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> int:
@@ -254,19 +269,32 @@ class ResQLayerMixin:
         return cls.output_channel_dim
 
 
+def _tied_weight_keys(module: nn.Module) -> list[str]:
+    """The state-dict keys (without prefix) of the views that share the layer's weight."""
+    keys = ["residual.view.weight"] if module.residual is not None else []
+    family = getattr(module, "family", None)
+    if family is not None:
+        keys += [f"family.paths.{name}.view.weight" for name in family.paths]
+    return keys
+
+
 def _drop_residual_weight(module: nn.Module, state_dict: dict, prefix: str,
                           local_metadata: Any) -> None:
-    state_dict.pop(prefix + "residual.view.weight", None)
+    for key in _tied_weight_keys(module):
+        state_dict.pop(prefix + key, None)
 
 
 def _fill_residual_weight(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
     if prefix + "weight" in state_dict:
-        state_dict[prefix + "residual.view.weight"] = state_dict[prefix + "weight"]
+        for key in _tied_weight_keys(module):
+            state_dict[prefix + key] = state_dict[prefix + "weight"]
 
 
 def _retie_residual_weight(module: nn.Module, incompatible_keys: Any) -> None:
     if module.residual is not None and module.residual.view.weight is not module.weight:
         module.residual.view.weight = module.weight
+    if getattr(module, "family", None) is not None:
+        module.family.tie(module.weight)
 
 
 def _thresholds_to_log_domain(module: nn.Module, state_dict: dict, prefix: str,
@@ -297,7 +325,8 @@ def _positional_names(brevitas_class: type[nn.Module]) -> list[str]:
 def _make_init(brevitas_class: type[nn.Module]):
     def __init__(self, *args: Any, keyframe: Precision | str = "W8A8",
                  residual: Precision | str | None = "W4A4", weight_granularity: str = "tensor",
-                 policy: PrecisionPolicy | None = None, **layer_kwargs: Any) -> None:
+                 policy: PrecisionPolicy | None = None, residual_weights: str = "separate",
+                 family: Scheme | str | None = None, **layer_kwargs: Any) -> None:
         """Build the keyframe layer and its residual path.
 
         Args:
@@ -307,6 +336,12 @@ def _make_init(brevitas_class: type[nn.Module]):
                 ``None`` for frame quantization (no residual path).
             weight_granularity: ``"tensor"`` or ``"channel"`` weight scales.
             policy: The precision policy of a pool residual.
+            residual_weights: ``"separate"`` (the residual weight has its own quantizer) or
+                ``"truncated"`` (it is the truncated view of the keyframe's integer weight,
+                VideoIQ any-precision: one integer stored for both paths).
+            family: A family scheme (``"{W8A8,W4A4,skip}"``, ``"W8A8->{W4A4,skip,key}"``): the
+                layer also builds the members' paths (:class:`~resq_brevitas.nn.family.
+                FamilyPaths`); ``keyframe``/``residual`` must be the scheme's.
             **layer_kwargs: Keyword arguments of the torch layer (stride, padding, bias, ...).
         """
         names = _positional_names(brevitas_class)
@@ -318,6 +353,7 @@ def _make_init(brevitas_class: type[nn.Module]):
             Precision.parse(residual))
         if key.is_pool or key.act_bits == (0,):
             raise ValueError(f"keyframe must be a static precision with activations, got {key}")
+        check_residual_weights(residual_weights, key, res)
         brevitas_class.__init__(
             self,
             weight_quant=weight_quant(key.weight_bits, weight_granularity),
@@ -325,7 +361,12 @@ def _make_init(brevitas_class: type[nn.Module]):
             return_quant_tensor=False,
             **layer_kwargs,
         )
-        self._init_resq(key, res, weight_granularity, layer_kwargs, policy)
+        fam = Scheme.parse(family) if family is not None else None
+        if fam is not None and (not fam.is_family or fam.keyframe != key or fam.residual != res):
+            raise ValueError(f"family must be a family scheme whose precisions are the layer's "
+                             f"({key}->{res}), got {family!r}")
+        self._init_resq(key, res, weight_granularity, layer_kwargs, policy, residual_weights,
+                        fam)
 
     return __init__
 

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from resq_brevitas.config import Precision
 from resq_brevitas.nn.cost import precision_bops
 from resq_brevitas.nn.executors import ContributionOp, DenseOp
+from resq_brevitas.quant.any_precision import truncated_weight_quant
 from resq_brevitas.quant.fused import FusedActQuant
 from resq_brevitas.quant.line_search import scaling_threshold
 from resq_brevitas.quant.quantizers import act_quant, weight_quant
@@ -49,6 +50,7 @@ __all__ = [
     "ZeroResidual",
     "build_residual_path",
     "mix_pool",
+    "residual_weight_quant",
     "value_of",
 ]
 
@@ -135,19 +137,23 @@ class ResidualPath(nn.Module):
         weight_granularity: ``"tensor"`` or ``"channel"``.
         layer_kwargs: The layer's constructor arguments (channels, kernel, stride, ...).
         input_quant: The view's activation quantizer injector.
+        truncate_from: ``None``: the residual weight has its own quantizer (``separate``);
+            else the keyframe's weight bits: the residual weight is the truncated view of the
+            keyframe's integer (VideoIQ any-precision, :mod:`resq_brevitas.quant.any_precision`).
     """
 
     has_bit_maps = False
 
     def __init__(self, brevitas_class: type[nn.Module], precision: Precision,
                  weight_granularity: str, layer_kwargs: dict[str, Any],
-                 input_quant: Any) -> None:
+                 input_quant: Any, truncate_from: int | None = None) -> None:
         super().__init__()
         self.precision = precision
         kwargs = dict(layer_kwargs)
         kwargs["bias"] = False
         self.view = brevitas_class(
-            weight_quant=weight_quant(precision.weight_bits, weight_granularity),
+            weight_quant=residual_weight_quant(precision.weight_bits, weight_granularity,
+                                               truncate_from),
             input_quant=input_quant, return_quant_tensor=False, **kwargs)
         self.op: ContributionOp = DenseOp()
 
@@ -207,10 +213,11 @@ class StaticResidual(ResidualPath):
     """One activation quantizer (or none, fp32) and the residual weight quantizer."""
 
     def __init__(self, brevitas_class: type[nn.Module], precision: Precision,
-                 weight_granularity: str, layer_kwargs: dict[str, Any]) -> None:
+                 weight_granularity: str, layer_kwargs: dict[str, Any],
+                 truncate_from: int | None = None) -> None:
         bits = precision.act_bits[0] if precision.act_bits else None
         super().__init__(brevitas_class, precision, weight_granularity, layer_kwargs,
-                         act_quant(bits))
+                         act_quant(bits), truncate_from)
 
     def quantize(self, delta: Tensor) -> Sent:
         quant = self.view.input_quant
@@ -267,9 +274,10 @@ class ZeroResidual(ResidualPath):
     """
 
     def __init__(self, brevitas_class: type[nn.Module], precision: Precision,
-                 weight_granularity: str, layer_kwargs: dict[str, Any]) -> None:
+                 weight_granularity: str, layer_kwargs: dict[str, Any],
+                 truncate_from: int | None = None) -> None:
         super().__init__(brevitas_class, precision, weight_granularity, layer_kwargs,
-                         act_quant(0))
+                         act_quant(0), truncate_from)
 
     def quantize(self, delta: Tensor) -> Sent:
         return Sent(None if self.view.input_quant.is_quant_enabled else delta)
@@ -296,8 +304,10 @@ class PoolResidual(ResidualPath):
 
     def __init__(self, brevitas_class: type[nn.Module], precision: Precision,
                  weight_granularity: str, layer_kwargs: dict[str, Any],
-                 policy: PrecisionPolicy, channel_dim: int) -> None:
-        super().__init__(brevitas_class, precision, weight_granularity, layer_kwargs, None)
+                 policy: PrecisionPolicy, channel_dim: int,
+                 truncate_from: int | None = None) -> None:
+        super().__init__(brevitas_class, precision, weight_granularity, layer_kwargs, None,
+                         truncate_from)
         if not isinstance(policy, PrecisionPolicy):
             raise TypeError(f"policy must implement PrecisionPolicy (select, cost), got "
                             f"{type(policy).__name__}")
@@ -369,9 +379,13 @@ def mix_pool(quantized: Sequence[Tensor], index: Tensor, channel_dim: int = 1) -
 
 def build_residual_path(brevitas_class: type[nn.Module], precision: Precision | None,
                         weight_granularity: str, layer_kwargs: dict[str, Any],
-                        policy: PrecisionPolicy | None, channel_dim: int
-                        ) -> ResidualPath | None:
+                        policy: PrecisionPolicy | None, channel_dim: int,
+                        truncate_from: int | None = None) -> ResidualPath | None:
     """The residual path kind for ``precision``, chosen once (``None``: no residual path).
+
+    Args:
+        truncate_from: The keyframe's weight bits when the residual weight is its truncated
+            view (``residual_weights="truncated"``), else ``None``.
 
     Raises:
         ValueError: A pool precision without a policy.
@@ -382,8 +396,20 @@ def build_residual_path(brevitas_class: type[nn.Module], precision: Precision | 
         if policy is None:
             raise ValueError(f"residual precision {precision} is a pool and needs a policy")
         return PoolResidual(brevitas_class, precision, weight_granularity, layer_kwargs, policy,
-                            channel_dim)
+                            channel_dim, truncate_from)
     if precision.act_bits == (0,):
-        return ZeroResidual(brevitas_class, precision, weight_granularity, layer_kwargs)
-    return StaticResidual(brevitas_class, precision, weight_granularity, layer_kwargs)
+        return ZeroResidual(brevitas_class, precision, weight_granularity, layer_kwargs,
+                            truncate_from)
+    return StaticResidual(brevitas_class, precision, weight_granularity, layer_kwargs,
+                          truncate_from)
+
+
+def residual_weight_quant(bits: int | None, granularity: str, truncate_from: int | None
+                          ) -> type | None:
+    """The residual view's weight quantizer injector, chosen once per layer: its own
+    (``truncate_from=None``, or an fp32 residual) or the truncated view of the keyframe's
+    ``truncate_from``-bit integer (VideoIQ any-precision weights)."""
+    if truncate_from is None or bits is None:
+        return weight_quant(bits, granularity)
+    return truncated_weight_quant(bits, truncate_from, granularity)
 

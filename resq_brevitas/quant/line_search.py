@@ -29,6 +29,7 @@ __all__ = [
     "line_search",
     "StreamingLineSearch",
     "act_threshold",
+    "copy_act_threshold",
     "scaling_threshold",
     "distributed_initialized",
     "set_act_threshold",
@@ -225,3 +226,12 @@ def set_act_threshold(act_quant_proxy: nn.Module, threshold: float) -> None:
     with torch.no_grad():
         value = torch.tensor(float(threshold), dtype=scaling.value.dtype)
         scaling.value.copy_(restrict.restrict_init_tensor(value).expand_as(scaling.value))
+
+
+def copy_act_threshold(source_proxy: nn.Module, target_proxy: nn.Module) -> None:
+    """Copy one ResQ activation quantizer's range into another, parameter for parameter (no
+    round trip through a float threshold: ``2 ** log2(t)`` is not always ``t``, so a copy made
+    that way would not quantize exactly as its source)."""
+    source, target = _parameter_scaling(source_proxy), _parameter_scaling(target_proxy)
+    with torch.no_grad():
+        target.value.copy_(source.value.detach().to(target.value).expand_as(target.value))

@@ -27,11 +27,12 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from resq_brevitas.checks import check_int
-from resq_brevitas.config import ResQConfig, Scheme
+from resq_brevitas.config import ResQConfig, Scheme, load_object
 from resq_brevitas.nn.cost import CostReport, CostTally
 from resq_brevitas.nn.layers import DEFAULT_LAYER_MAP, ResQLayerMixin, is_resq_layer
 from resq_brevitas.policy.base import StreamStatus, build_policy, build_refresh
 from resq_brevitas.quant.quantizers import PICKLE_PAYLOAD, make_unsigned, pickle_reduction
+from resq_brevitas.temporal.actions import ActionExecutor
 from resq_brevitas.temporal.clip import ClipExecutor, ClipLayout, NotBatchable, plan_clip
 from resq_brevitas.temporal.context import (
     FrameContext,
@@ -174,6 +175,20 @@ class ResQModel(nn.Module):
         self._rank_override: int | None = None
         self._expected: dict[Key, InputSpec] | None = None
         self._expected_read = False
+        #: Family schemes (VideoIQ): the learned per-frame policy network (its parameters are
+        #: the model's), and the executor that runs one action per stream and frame.
+        self.frame_policy: nn.Module | None = None
+        self._actions: ActionExecutor | None = None
+        if config.scheme.is_family:
+            self.frame_policy = load_object(type(config.policy).implementation)(
+                config.policy, config.scheme.family)
+            self._actions = ActionExecutor(config.scheme, config.period, self._mode)
+        #: Family schemes: long ``[B, T]`` action index per stream and frame of the last call
+        #: (``-1``: a keyframe the schedule forced), the BOPs of each (``last_row_bops``) and
+        #: the policy's logits and samples (``last_policy``, for the losses of eq. 10-13).
+        self.last_actions: Tensor | None = None
+        self.last_row_bops: Tensor | None = None
+        self.last_policy: Any = None
         self.calibrated = False
         #: BatchNorm folding waits for an example frame (the model could not be fx-traced).
         self.bn_fold_pending = False
@@ -347,6 +362,8 @@ class ResQModel(nn.Module):
             for state in self._states.values():
                 state.reset()
             self._stream = StreamState()
+            if self._actions is not None:
+                self._actions.reset()
             return
         stream = self._stream
         if stream.phase is None:
@@ -358,6 +375,8 @@ class ResQModel(nn.Module):
             raise ValueError(f"rows must index the stream's {mask.numel()} batch rows, got "
                              f"{rows!r}") from err
         stream.phase = torch.where(mask, torch.zeros_like(stream.phase), stream.phase)
+        if self._actions is not None:
+            self._actions.reset(mask)
         if stream.energy is not None:
             stream.energy = torch.where(mask, torch.zeros_like(stream.energy), stream.energy)
 
@@ -660,6 +679,10 @@ class ResQModel(nn.Module):
         """
         inputs = self.check_frame(frame)
         self._check_calibrated()
+        if self._actions is not None:  # a family scheme: one learned action per stream
+            out = self._actions.step(self, _single_tensor(inputs, "frame"))
+            self._learn_ranks(inputs)
+            return out
         out, record = self._run_frame(inputs, True, True, None)
         self._record([record])
         return out
@@ -692,6 +715,10 @@ class ResQModel(nn.Module):
         """
         clip = self.check_video(video, stream=True)
         self._check_calibrated()
+        if self._actions is not None:  # a family scheme: frame by frame, one action each
+            out = self._actions.forward(self, _single_tensor(clip, "video"), fresh=False)
+            self._learn_ranks(clip.frame(0))
+            return out
         if not keep_graph:
             return self._run_recorded(clip, detach=True)
         for state in self._states.values():
@@ -729,6 +756,10 @@ class ResQModel(nn.Module):
                              f"{self.training_phase!r}")
         clip = self.check_video(video)
         self._check_calibrated(stacklevel=5)  # through nn.Module.__call__ to the caller
+        if self._actions is not None:  # a family scheme: one learned action per stream
+            out = self._actions.forward(self, _single_tensor(clip, "video"))
+            self._learn_ranks(clip.frame(0))
+            return out
         saved = self._snapshot()
         self.reset()
         start = None
@@ -900,3 +931,12 @@ class ResQModel(nn.Module):
             shown = ", ".join(floating[:4]) + (", ..." if len(floating) > 4 else "")
             lines.append(f"  left in floating point: {len(floating)} ({shown})")
         return "\n".join(lines) + ")"
+
+
+def _single_tensor(inputs: Any, name: str) -> Tensor:
+    """The one tensor of a single-input frame or clip: family schemes (a learned per-frame
+    policy reads the frame itself) take no tuple or dict inputs yet."""
+    if inputs.kind != "tensor":
+        raise TypeError(f"{name}: family schemes take one tensor per frame, got a "
+                        f"{'tuple' if inputs.kind == 'args' else 'dict'} of inputs")
+    return inputs.leaves[0]
