@@ -49,7 +49,7 @@ from brevitas.proxy.runtime_quant import ActQuantProxyFromInjectorBase
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from resq_brevitas.calibrate import calibrate
+from resq_brevitas.calibrate import _as_batched_clip, calibrate
 from resq_brevitas.config import LineSearch, ResQConfig, Scheme
 from resq_brevitas.convert import convert
 from resq_brevitas.experiments.evaluation import clip_batches, primary_output
@@ -57,6 +57,7 @@ from resq_brevitas.nn.layers import ResQLayerMixin
 from resq_brevitas.nn.residual import value_of
 from resq_brevitas.quant.line_search import act_threshold
 from resq_brevitas.quant.quantizers import quantize_eq1, scale_eq6
+from resq_brevitas.temporal.inputs import ClipInputs
 from resq_brevitas.temporal.model import ResQModel
 
 __all__ = [
@@ -591,37 +592,37 @@ class _LayerProbe:
 
 
 # ---------------------------------------------------------------------------- clips
-def _as_batch(clip: Any, index: int, frame_rank: int | None) -> Tensor:
-    """``[B, T, C, ...]`` from a clip ``[T, C, ...]``, a batch of clips, or a (clip, labels)."""
-    if isinstance(clip, (tuple, list)) and clip and isinstance(clip[0], Tensor):
-        clip = clip[0]
-    if not isinstance(clip, Tensor):
-        raise TypeError(f"clips[{index}] must be a torch.Tensor, got {type(clip).__name__}")
-    rank = frame_rank if frame_rank is not None else 4
-    if clip.dim() == rank:
-        clip = clip.unsqueeze(0)
-    if clip.dim() != rank + 1 or clip.shape[1] == 0:
-        raise ValueError(f"clips[{index}] must be [T, C, ...] (rank {rank}) or [B, T, C, ...] "
-                         f"(rank {rank + 1}) with T >= 1, got shape {tuple(clip.shape)}")
-    return clip
-
-
-def _batches(clips: Iterable[Any], frame_rank: int | None, max_batch: int
-             ) -> Iterator[tuple[Tensor, int]]:
+def _batches(qm: ResQModel, clips: Iterable[Any], max_batch: int
+             ) -> Iterator[tuple[ClipInputs, int]]:
     """Consecutive same-shape clips stacked into batches of at most ``max_batch`` rows (a longer
-    item stays whole), each with the number of items of ``clips`` it holds."""
-    pending: list[Tensor] = []
+    item stays whole), each with the number of items of ``clips`` it holds.
+
+    Each item is read as :func:`~resq_brevitas.calibrate.calibrate` reads it (a clip
+    ``[T, ...]``, a batch ``[B, T, ...]``, a ``(clip, labels)`` pair, or a tuple/dict of them
+    for a model with several inputs) and validated against the model before any layer runs.
+    """
+    pending: list[ClipInputs] = []
     rows = 0
-    for index, clip in enumerate(clips):
-        batch = _as_batch(clip, index, frame_rank)
-        if pending and (batch.shape[1:] != pending[0].shape[1:]
-                        or rows + batch.shape[0] > max_batch):
-            yield torch.cat(pending), len(pending)
+    for index, raw in enumerate(clips):
+        clip = qm.check_video(_as_batched_clip(qm, raw, index), f"clips[{index}]")
+        shapes = [leaf.shape[1:] for leaf in clip.leaves]
+        if pending and (shapes != [leaf.shape[1:] for leaf in pending[0].leaves]
+                        or rows + clip.batch > max_batch):
+            yield _concat(pending), len(pending)
             pending, rows = [], 0
-        pending.append(batch)
-        rows += batch.shape[0]
+        pending.append(clip)
+        rows += clip.batch
     if pending:
-        yield torch.cat(pending), len(pending)
+        yield _concat(pending), len(pending)
+
+
+def _concat(clips: list[ClipInputs]) -> ClipInputs:
+    """Same-shape validated clips as one batch (rows in order)."""
+    if len(clips) == 1:
+        return clips[0]
+    first = clips[0]
+    leaves = tuple(torch.cat(parts) for parts in zip(*(c.leaves for c in clips)))
+    return ClipInputs(first.kind, first.keys, leaves)
 
 
 # ---------------------------------------------------------------------------- analysis
@@ -666,12 +667,12 @@ def _variants(qm: ResQModel, switch: QuantizerSwitch
     return found
 
 
-def _float_reference(float_model: nn.Module, batch: Tensor) -> Tensor:
-    return torch.stack([primary_output(float_model(batch[:, t])) for t in range(batch.shape[1])],
-                       1)
+def _float_reference(float_model: nn.Module, batch: ClipInputs) -> Tensor:
+    return torch.stack([primary_output(batch.frame(t).call(float_model))
+                        for t in range(batch.frames)], 1)
 
 
-def _observed_pass(qm: ResQModel, batch: Tensor, probes: dict[str, _LayerProbe],
+def _observed_pass(qm: ResQModel, batch: ClipInputs, probes: dict[str, _LayerProbe],
                    switch: QuantizerSwitch) -> Tensor:
     """The model with no quantizer (the float model, with its temporal decomposition), feeding
     every layer's probe; returns its outputs ``[B, T, ...]``."""
@@ -684,10 +685,8 @@ def _observed_pass(qm: ResQModel, batch: Tensor, probes: dict[str, _LayerProbe],
     with switch.only(()):
         qm.reset()
         try:
-            for t in range(batch.shape[1]):
-                frame = batch[:, t]
-                qm.check_frame(frame)
-                outputs.append(primary_output(qm.run_frame(frame, adaptive=False,
+            for t in range(batch.frames):
+                outputs.append(primary_output(qm.run_frame(batch.frame(t), adaptive=False,
                                                            observer=observe)))
         finally:
             qm.reset()
@@ -708,7 +707,9 @@ def analyze(qm: ResQModel, clips: Iterable[Any], float_model: nn.Module | None =
     Args:
         qm: A calibrated ResQ model.
         clips: An iterable (a one-shot generator is fine) of clips ``[T, C, ...]``, batches
-            ``[B, T, C, ...]`` or ``(clip, labels)`` pairs; residual statistics need T >= 2.
+            ``[B, T, C, ...]`` or ``(clip, labels)`` pairs (for a model with several inputs, a
+            tuple/dict of them per clip), read and validated as ``calibrate`` reads them;
+            residual statistics need T >= 2.
         float_model: The float model the output SQNRs are measured against, run frame by frame
             (default: ``qm`` with every quantizer disabled, which equals it by contract).
         fig2_bits: Bit width of Fig. 2's frame-vs-residual quantization errors.
@@ -742,7 +743,7 @@ def analyze(qm: ResQModel, clips: Iterable[Any], float_model: nn.Module | None =
     qm.eval()
     try:
         with torch.no_grad():
-            for batch, items in _batches(clips, qm.frame_rank, max_batch):
+            for batch, items in _batches(qm, clips, max_batch):
                 observed = _observed_pass(qm, batch, probes, switch)
                 bar.update(items)
                 reference = observed
@@ -751,10 +752,10 @@ def analyze(qm: ResQModel, clips: Iterable[Any], float_model: nn.Module | None =
                     disabled.add(reference, observed)
                 for key, context in variants:
                     with context():
-                        sqnr[key].add(reference, primary_output(qm(batch)))
+                        sqnr[key].add(reference, primary_output(qm(batch.value)))
                     bar.update(items)
-                rows += batch.shape[0]
-                frames += batch.shape[0] * batch.shape[1]
+                rows += batch.batch
+                frames += batch.batch * batch.frames
     finally:
         bar.close()
         qm.measure_density = density

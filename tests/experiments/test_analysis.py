@@ -23,7 +23,7 @@ from resq_brevitas.experiments.analysis import (
     write_analysis,
 )
 from resq_brevitas.quant.line_search import set_act_threshold
-from tests.helpers import make_clip
+from tests.helpers import TwoInputFlowNet, make_clip, make_two_input_clip
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYERS = ("a", "b", "c", "head")
@@ -316,6 +316,27 @@ def tiny_clip_list() -> list[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------- bad input
+def test_a_two_input_model_is_analysed_on_its_tuple_clips() -> None:
+    torch.manual_seed(0)
+    flow = TwoInputFlowNet().eval()
+    qm = resq.convert(flow, resq.ResQConfig(scheme="W8A8->W4A4", period=3))
+    clips = [make_two_input_clip(1, 5, size=8, seed=s) for s in range(2)]
+    resq.calibrate(qm, clips, samples=10, candidates=5, progress=False)
+    report = analyze(qm, clips, float_model=flow, progress=False)
+    assert report.clips == 2 and report.frames == 10
+    # quantization disabled is the float model fed the right input on each branch (a swapped
+    # or repeated input would give a finite SQNR)
+    assert report.disabled_db == math.inf or report.disabled_db > 100
+    with torch.no_grad():
+        whole = torch.cat([qm(c)[0] for c in clips])
+        reference = torch.cat([torch.stack([flow(c[0][:, t], c[1][:, t])[0] for t in range(5)], 1)
+                               for c in clips])
+    expected = 10 * math.log10(reference.square().sum() / (whole - reference).square().sum())
+    assert report.sqnr_db == pytest.approx(expected, abs=1e-3)
+    with pytest.raises(TypeError, match="clips\\[1\\]"):
+        analyze(qm, [clips[0], clips[1][:1]], progress=False)  # one input missing
+
+
 def test_bad_input_is_rejected_naming_the_argument(net, frame_model) -> None:
     clips = tiny_clips()
     with pytest.raises(TypeError, match="qm must be a ResQModel"):

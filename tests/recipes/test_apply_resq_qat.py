@@ -39,8 +39,10 @@ def test_qat_under_torchrun_with_two_cpu_processes(tmp_path: Path) -> None:
     (tmp_path / "mynet.py").write_text(MYNET)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", "0", str(SCRIPT), *ARGS],
+        # --standalone: a local rendezvous on a free port (``--master_port 0`` hands the workers
+        # port 0 and rank 1 never finds rank 0's store)
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(SCRIPT), *ARGS],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     _check(_strict_json((tmp_path / "out" / "results.json").read_text()))

@@ -40,10 +40,12 @@ MODELS = {
     "conv3d": (SlidingClip3DNet, lambda: make_sliding_clips(2, FRAMES, window=3, size=8, seed=3),
                (3, 3, 8, 8)),
 }
-ENTRIES = ("step", "forward", "step_clip", "run_clip", "calibrate", "count_macs", "count_bops")
+ENTRIES = ("step", "forward", "step_clip", "run_clip", "calibrate", "analyze", "count_macs",
+           "count_bops")
 # entry point -> the argument its messages must name
 ARGUMENT = {"step": "frame", "forward": "video", "step_clip": "video", "run_clip": "video",
-            "calibrate": "clips", "count_macs": "input_shape", "count_bops": "input_shape"}
+            "calibrate": "clips", "analyze": "clips", "count_macs": "input_shape",
+            "count_bops": "input_shape"}
 
 
 def _leaf_defects(time_dim: bool) -> dict:
@@ -95,13 +97,13 @@ def _draw_cases(count: int, seed: int) -> list[tuple[str, str, str, int]]:
             defect = rng.choice(STRUCTURE_DEFECTS)
         else:
             defect = rng.choice(leaf_defects)
-            if entry == "calibrate" and defect == "rank_less":
+            if entry in ("calibrate", "analyze") and defect == "rank_less":
                 defect = "rank_more"  # a clip one rank down is a valid unbatched clip
         cases.append((model, entry, defect, rng.randrange(2**31)))
     return cases
 
 
-CASES = _draw_cases(70, seed=20261202)
+CASES = _draw_cases(80, seed=20261202)
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +162,8 @@ def _call_bad(qm, entry: str, bad) -> None:
             qm.run_clip(bad)
         elif entry == "calibrate":
             resq.calibrate(qm, [bad], samples=FRAMES, candidates=5, progress=False)
+        elif entry == "analyze":
+            resq.analyze(qm, [bad], progress=False)
         elif entry == "count_macs":
             resq.count_macs(qm, bad)
         else:
@@ -189,7 +193,7 @@ def test_a_bad_input_is_refused_and_changes_nothing(models, model, entry, defect
             _call_bad(qm, entry, bad)
         assert ARGUMENT[entry] in str(raised.value), str(raised.value)
         assert resq.activation_ranges(qm) == ranges
-        if entry == "calibrate":  # calibration ends with a reset: a fresh clip is as new
+        if entry in ("calibrate", "analyze"):  # both end with a reset: a fresh clip is as new
             _equal(qm(clip), forward)
         else:  # the stream continues as if the bad call never happened
             outs += [qm.step(_frame(clip, t)) for t in range(2, FRAMES)]
