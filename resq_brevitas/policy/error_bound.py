@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map
 from tqdm.auto import tqdm
 
 from resq_brevitas.config import ErrorBoundPolicy
@@ -288,19 +289,23 @@ class ErrorBoundSelector(nn.Module):
         return text
 
 
-def clips_of_frames(frames: Iterable[tuple[bool, Tensor]]) -> list[Tensor]:
-    """Regroup ``(starts_clip, frame [B, C, ...])`` pairs into clips ``[B, T, C, ...]``."""
-    clips: list[list[Tensor]] = []
+def clips_of_frames(frames: Iterable[tuple[bool, Any]]) -> list[Any]:
+    """Regroup ``(starts_clip, frame [B, C, ...])`` pairs into clips ``[B, T, C, ...]``.
+
+    A frame of a model with several inputs (a tuple or dict of tensors) gives a clip of the
+    same structure, each input stacked over time.
+    """
+    clips: list[list[Any]] = []
     for starts_clip, frame in frames:
         if starts_clip or not clips:
             clips.append([])
         clips[-1].append(frame)
     if not clips:
         raise ValueError("frames must hold at least one frame, got none")
-    return [torch.stack(clip, dim=1) for clip in clips]
+    return [tree_map(lambda *leaves: torch.stack(leaves, dim=1), *clip) for clip in clips]
 
 
-def measure_operating_point(qm: Any, clips: Sequence[Tensor]) -> OperatingPoint:
+def measure_operating_point(qm: Any, clips: Sequence[Any]) -> OperatingPoint:
     """Run each clip through ``qm`` and read its :class:`OperatingPoint` off ``last_cost``.
 
     BOPs are weighted by frames and batch rows; W8A8's are ``64 * MACs`` of the same layers (the
@@ -312,7 +317,8 @@ def measure_operating_point(qm: Any, clips: Sequence[Tensor]) -> OperatingPoint:
             for clip in clips:
                 qm(clip)
                 cost = qm.last_cost
-                weight = clip.shape[0] * clip.shape[1]
+                first = tree_flatten(clip)[0][0]  # every input has the same [B, T]
+                weight = first.shape[0] * first.shape[1]
                 spent += cost.mean_bops * weight
                 reference += W8A8_BITS * sum(cost.macs.values()) * weight
                 residual = ~qm.last_keyframes

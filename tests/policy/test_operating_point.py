@@ -149,6 +149,40 @@ def test_clips_of_frames_regroups_by_clip_start() -> None:
         clips_of_frames([])
 
 
+def test_clips_of_frames_keeps_each_input_of_a_multi_input_frame() -> None:
+    frames = [{"frame": torch.full((2, 3), float(i)), "mask": torch.full((2, 1), -float(i))}
+              for i in range(4)]
+    clips = clips_of_frames(zip([True, False, True, False], frames))
+    assert [sorted(c) for c in clips] == [["frame", "mask"]] * 2
+    assert tuple(clips[0]["frame"].shape) == (2, 2, 3)
+    assert tuple(clips[1]["mask"].shape) == (2, 2, 1)
+    assert torch.equal(clips[1]["mask"][:, 0], frames[2]["mask"])
+    pairs = clips_of_frames(zip([True, False], [(f["frame"], f["mask"]) for f in frames[:2]]))
+    assert torch.equal(pairs[0][1][:, 1], frames[1]["mask"])
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+def test_target_bops_is_solved_on_a_model_with_several_inputs(kind) -> None:
+    from tests.helpers import MaskGuidedSegNet, TwoInputFlowNet, make_mask_clip, make_two_input_clip
+
+    torch.manual_seed(0)
+    if kind == "tuple":
+        net, clip = TwoInputFlowNet().eval(), make_two_input_clip(4, 4, size=12, seed=3)
+    else:
+        net, clip = MaskGuidedSegNet().eval(), make_mask_clip(4, 4, size=12, seed=3)
+    config = resq.ResQConfig(POOL, period=4, policy=resq.ErrorBoundPolicy(target_bops=0.5),
+                             calibration=resq.LineSearch(candidates=4, samples=16))
+    qm = resq.calibrate(resq.convert(net, config), [clip], progress=False)
+    point = _policy(qm).operating_point
+    assert abs(point.bops_share / 0.5 - 1) <= TARGET_TOLERANCE
+    with torch.no_grad():  # the fit measured what the model spends on the same clip
+        qm(clip)
+    frames = [tuple(leaf.shape[2:]) for leaf in (clip if kind == "tuple" else clip.values())]
+    shapes = frames if kind == "tuple" else dict(zip(clip, frames))
+    reference = resq.count_bops(net, shapes, "W8A8").mean_bops
+    assert qm.last_cost.mean_bops / reference == pytest.approx(point.bops_share, rel=1e-6)
+
+
 def test_target_bops_is_validated() -> None:
     with pytest.raises(ValueError, match=r"target_bops must be a finite number > 0, got 0\.0"):
         resq.ErrorBoundPolicy(target_bops=0)
