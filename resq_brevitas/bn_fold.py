@@ -29,7 +29,8 @@ from resq_brevitas.nn.layers import (
     resq_layer_class_of,
 )
 
-__all__ = ["BN_TYPES", "LayerMap", "LayerMapTracer", "conv_bn_pairs_fx", "conv_bn_pairs_eager",
+__all__ = ["BN_TYPES", "LayerMap", "LayerMapTracer", "call_with_inputs", "conv_bn_pairs_fx",
+           "conv_bn_pairs_eager",
            "fold_batch_norms", "is_plain_batch_norm", "kept_batch_norm_subclasses",
            "warn_unfolded"]
 
@@ -108,6 +109,16 @@ def conv_bn_pairs_fx(model: nn.Module, layer_map: LayerMap = DEFAULT_LAYER_MAP
     return pairs
 
 
+def call_with_inputs(model: nn.Module, example: Any) -> Any:
+    """``model`` on one frame as the project passes frames: a tensor, a tuple of positional
+    inputs, or a dict of keyword inputs."""
+    if isinstance(example, tuple):
+        return model(*example)
+    if isinstance(example, dict):
+        return model(**example)
+    return model(example)
+
+
 def conv_bn_pairs_eager(model: nn.Module, example: Any,
                         layer_map: LayerMap = DEFAULT_LAYER_MAP) -> list[tuple[str, str]]:
     """``(layer, batchnorm)`` name pairs found by running ``model(example)`` once.
@@ -169,7 +180,7 @@ def conv_bn_pairs_eager(model: nn.Module, example: Any,
         handles.append(modules[name].register_forward_hook(post_hook(name)))
     try:
         with torch.no_grad(), _Mode():
-            model(example)
+            call_with_inputs(model, example)
     finally:
         for h in handles:
             h.remove()
@@ -195,7 +206,8 @@ def fold_batch_norms(model: nn.Module, example: Any = None,
 
     Args:
         model: Modified in place (float or converted).
-        example: An example input; used only when ``torch.fx`` cannot trace the model.
+        example: An example frame (a tensor, or a tuple/dict of inputs for a model with several
+            inputs); used only when ``torch.fx`` cannot trace the model.
         layer_map: The layer map that says which float layers are supported, and their axes.
 
     Returns:

@@ -178,6 +178,43 @@ def test_untraceable_model_folds_batch_norm_on_first_calibration_frame() -> None
     assert ((out - dense).abs().max() / dense.abs().max()).item() <= 1e-5
 
 
+class UntraceableTwoInputNet(nn.Module):
+    """``forward(image, mask)`` with data-dependent control flow (fx cannot trace it) and a
+    conv + BatchNorm on each input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn_image = nn.BatchNorm2d(6)
+        self.mask = nn.Conv2d(1, 6, 3, padding=1)
+        self.bn_mask = nn.BatchNorm2d(6)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, image, mask):
+        if image.shape[-1] % 2:
+            raise ValueError("even widths only")
+        h = torch.relu(self.bn_image(self.image(image))) + torch.relu(self.bn_mask(self.mask(mask)))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+def test_untraceable_two_input_model_folds_batch_norm_on_its_first_frame(kind) -> None:
+    net = _randomize_bn(UntraceableTwoInputNet())
+    qm = resq.convert(net, resq.ResQConfig())
+    assert qm.bn_fold_pending
+    video = make_clip(batch=1, frames=4, channels=4)
+    image, mask = video[:, :, :3].contiguous(), video[:, :, 3:].contiguous()
+    clip = (image, mask) if kind == "tuple" else {"image": image, "mask": mask}
+    qm.frame_rank = 4  # fx cannot read the ranks off an untraceable model
+    resq.calibrate(qm, [clip], samples=4, candidates=4, progress=False)
+    assert not qm.bn_fold_pending
+    assert isinstance(qm.model.bn_image, nn.Identity) and isinstance(qm.model.bn_mask, nn.Identity)
+    with torch.no_grad(), resq.quantization_disabled(qm):
+        out = qm(clip)
+    dense = torch.stack([net(image[:, t], mask[:, t]) for t in range(4)], 1)
+    assert ((out - dense).abs().max() / dense.abs().max()).item() <= 1e-5
+
+
 def test_fx_and_eager_bn_detection_agree() -> None:
     from resq_brevitas.bn_fold import conv_bn_pairs_eager, conv_bn_pairs_fx
 

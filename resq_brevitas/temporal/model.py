@@ -278,7 +278,13 @@ class ResQModel(nn.Module):
         expected_inputs`); a rank the model does not fix comes from :attr:`frame_rank` when set
         explicitly, else from the frames of a successful call."""
         specs = dict(self._model_inputs())
-        keys = set(specs) | set(self._learned_ranks) | ({0} if self._rank_override else set())
+        overridden: set[Key] = set()
+        if self._rank_override:  # the first input, by position and by its parameter's name
+            overridden.add(0)
+            signature = model_signature(self.model)
+            if signature is not None and signature.parameters:
+                overridden.add(next(iter(signature.parameters)))
+        keys = set(specs) | set(self._learned_ranks) | overridden
         for key in keys:
             spec = specs.get(key, InputSpec(None, None, 1, None))
             if spec.rank is None:
