@@ -76,9 +76,10 @@ def error_maps_eq10(delta: Tensor, quantized: Sequence[Tensor], weight_norm: Ten
         Error maps ``[n, R, *S]`` (float32, no gradient).
     """
     with torch.no_grad():
-        # square-sum-sqrt: several times faster than linalg.vector_norm over a strided dim
-        maps = [(delta - q).square().sum(dim=channel_dim).sqrt() for q in quantized]
-        return torch.stack(maps) * weight_norm
+        # square-sum-sqrt: several times faster than linalg.vector_norm over a strided dim;
+        # in place on the one fresh difference tensor (no gradient here)
+        maps = [torch.sub(delta, q).square_().sum(dim=channel_dim).sqrt_() for q in quantized]
+        return torch.stack(maps).mul_(weight_norm)
 
 
 def _blocked(errors: Tensor, k: int, block_dims: int) -> Tensor:
