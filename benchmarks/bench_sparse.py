@@ -195,8 +195,10 @@ def report(rows: Sequence[Row], tiles: Sequence[str]) -> dict[str, dict[str, flo
         summary[tile] = {"break_even": crossing(shares, vs_dense, 1.0),
                          "half_float": crossing(shares, vs_float, 0.5)}
         be, hf = summary[tile]["break_even"], summary[tile]["half_float"]
+        half = ("never (above it even with nothing changed)" if hf == -math.inf
+                else f"up to {_share_text(hf)} changed area")
         print(f"sparse[{tile}]: as fast as dense at {_share_text(be)} changed area; "
-              f"0.5x the float frame at {_share_text(hf)} changed area")
+              f"at or below 0.5x the float frame: {half}")
     return summary
 
 
