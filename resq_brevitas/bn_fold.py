@@ -15,29 +15,25 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from brevitas.graph.base import ModuleInstanceToModuleInstance
-from brevitas.nn.utils import merge_bn
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from resq_brevitas.nn.batch_norm import BN_TYPES, fold_pairs, is_plain_batch_norm
 from resq_brevitas.nn.layers import (
     DEFAULT_LAYER_MAP,
     is_resq_layer,
-    overridden_members,
     resq_class_for,
     resq_layer_class_of,
 )
 
-__all__ = ["BN_TYPES", "LayerMap", "LayerMapTracer", "call_with_inputs", "conv_bn_pairs_fx",
-           "conv_bn_pairs_eager",
-           "fold_batch_norms", "is_plain_batch_norm", "kept_batch_norm_subclasses",
-           "warn_unfolded"]
+__all__ = ["BN_TYPES", "LayerMap", "LayerMapTracer", "call_with_inputs", "conv_bn_pairs_eager",
+           "conv_bn_pairs_fx", "fold_batch_norm_pairs", "fold_batch_norms", "fold_pairs",
+           "is_plain_batch_norm", "kept_batch_norm_subclasses", "warn_unfolded"]
 
 #: ``float class -> ResQ class``, as :data:`resq_brevitas.nn.DEFAULT_LAYER_MAP`.
 LayerMap = Mapping[type[nn.Module], type[nn.Module]]
 
-BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Tensor queries that read metadata only: they do not consume the layer output.
 _METADATA_FUNCS = frozenset(
     {"dim", "size", "numel", "__get__", "is_floating_point", "stride", "ndimension"}
@@ -47,14 +43,6 @@ _METADATA_FUNCS = frozenset(
 def _resq_class(module: nn.Module, layer_map: LayerMap) -> type[nn.Module] | None:
     """The ResQ class that defines ``module``'s axes (itself for a ResQ layer), else ``None``."""
     return resq_layer_class_of(module, layer_map)
-
-
-def is_plain_batch_norm(module: nn.Module) -> bool:
-    """Whether ``module`` computes exactly a BatchNorm: one of :data:`BN_TYPES` or a subclass
-    that changes nothing but ``__init__``. A subclass with its own ``forward`` (timm's
-    ``BatchNormAct2d``: BN then an activation) does more, and folding it would drop that."""
-    base = next((b for b in type(module).__mro__ if b in BN_TYPES), None)
-    return base is not None and not overridden_members(type(module), base)
 
 
 def kept_batch_norm_subclasses(model: nn.Module) -> list[str]:
@@ -214,6 +202,15 @@ def fold_batch_norms(model: nn.Module, example: Any = None,
         Names of the folded BatchNorm layers, or ``None`` when the model could not be traced and
         no ``example`` was given (the caller may retry with one).
     """
+    pairs = fold_batch_norm_pairs(model, example, layer_map)
+    return None if pairs is None else [bn_name for _, bn_name in pairs]
+
+
+def fold_batch_norm_pairs(model: nn.Module, example: Any = None,
+                          layer_map: LayerMap = DEFAULT_LAYER_MAP
+                          ) -> list[tuple[str, str]] | None:
+    """:func:`fold_batch_norms`, returning the folded ``(layer, batch norm)`` name pairs (what
+    :func:`fold_pairs` needs to repeat the fold on another copy without tracing)."""
     try:
         pairs = conv_bn_pairs_fx(model, layer_map)
     except Exception:  # tracing arbitrary user code can fail in many ways; fall back to eager
@@ -225,21 +222,7 @@ def fold_batch_norms(model: nn.Module, example: Any = None,
             pairs = conv_bn_pairs_eager(model, example, layer_map)
         finally:
             model.train(was_training)
-    modules = dict(model.named_modules())
-    folded = []
-    for layer_name, bn_name in pairs:
-        layer, bn = modules[layer_name], modules[bn_name]
-        if bn.running_mean is None:
-            continue
-        resq_class = _resq_class(layer, layer_map)
-        assert resq_class is not None
-        axis = resq_class.bn_fold_axis(layer)
-        if axis is None:
-            continue  # e.g. grouped transposed weights interleave output channels: keep the BN
-        merge_bn(layer, bn, output_channel_dim=axis)
-        ModuleInstanceToModuleInstance(bn, nn.Identity()).apply(model)
-        folded.append(bn_name)
-    return folded
+    return fold_pairs(model, pairs, layer_map)
 
 
 def warn_unfolded(model: nn.Module, reason: str) -> None:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from resq_brevitas.bn_fold import fold_batch_norms, warn_unfolded
+from resq_brevitas.bn_fold import fold_batch_norm_pairs, warn_unfolded
 from resq_brevitas.config import LineSearch
 from resq_brevitas.nn.residual import CalibrationTarget, value_of
 from resq_brevitas.quant.control import quantization_disabled
@@ -201,12 +201,14 @@ def _fold_on_first_frame(qm: ResQModel, clips: Iterable[Any]) -> None:
     first = next(iter_clip_frames(qm, clips, 1))[1]
     try:
         with quantization_disabled(qm):
-            folded = fold_batch_norms(qm.model, first, layer_map=qm.layer_map)
+            folded = fold_batch_norm_pairs(qm.model, first, layer_map=qm.layer_map)
     except Exception as err:  # the eager trace runs user code: report, keep BN in float
         warn_unfolded(qm.model, f"the eager trace failed ({err})")
     else:
         if folded is None:
             warn_unfolded(qm.model, "the model could not be traced")
+        else:
+            qm.folded_batch_norms = tuple(folded)
     qm.bn_fold_pending = False
 
 

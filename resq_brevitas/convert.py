@@ -40,7 +40,7 @@ from torch import fx, nn
 from resq_brevitas.bn_fold import (
     LayerMap,
     LayerMapTracer,
-    fold_batch_norms,
+    fold_batch_norm_pairs,
     kept_batch_norm_subclasses,
 )
 from resq_brevitas.config import ResQConfig
@@ -297,7 +297,8 @@ def convert(model: nn.Module, config: ResQConfig | None = None,
         )
     net = copy.deepcopy(model)
     # None: torch.fx could not trace the model; calibrate() folds on an eager trace instead.
-    bn_fold_pending = config.fold_bn and fold_batch_norms(net, layer_map=layer_map) is None
+    folded = fold_batch_norm_pairs(net, layer_map=layer_map) if config.fold_bn else []
+    bn_fold_pending = folded is None
     found = survey(net, layer_map)
     _report(found, config.strict)
     per_frame = getattr(type(config.policy), "per_frame", False)  # the ResQModel builds it
@@ -327,6 +328,7 @@ def convert(model: nn.Module, config: ResQConfig | None = None,
         net = ModuleInstanceToModuleInstance(module, new).apply(net)
     qm = ResQModel(net, config, tuple(unsupported), tuple(skipped), layer_map=layer_map)
     qm.bn_fold_pending = bn_fold_pending
+    qm.folded_batch_norms = tuple(folded or ())
     #: ``"name: what"`` of the weight-free operations of ResQ modules left in floating point
     #: (the attention matmuls of ``ResQMultiheadAttention``).
     qm.float_operations = tuple(op for op in found.float_operations

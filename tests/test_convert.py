@@ -330,3 +330,33 @@ def test_filter_fn_leaves_refused_layers_in_float_and_out_of_the_cost() -> None:
         resq.convert(net, filter_fn="se")
     with pytest.raises(TypeError, match="already converted"):
         resq.convert(qm)
+
+
+def test_a_state_saved_after_an_eager_fold_loads_into_a_fresh_conversion() -> None:
+    """The fold an untraceable model did at calibration is in its state: a freshly converted
+    copy (fold still pending) repeats it when it loads, then equals the saved model."""
+    net = _randomize_bn(UntraceableNet())
+    config = resq.ResQConfig(period=2)
+    qm = resq.convert(net, config)
+    clip = make_clip(batch=1, frames=4)
+    resq.calibrate(qm, [clip[0]], samples=4, candidates=4, progress=False)
+    assert qm.folded_batch_norms == (("a", "bn_a"),)
+    fresh = resq.convert(net, config)
+    assert fresh.bn_fold_pending
+    fresh.load_state_dict(qm.state_dict())  # strict: a missing BN key would raise
+    assert not fresh.bn_fold_pending
+    assert isinstance(fresh.model.bn_a, nn.Identity)
+    assert isinstance(fresh.model.bn_b, nn.BatchNorm2d)
+    with torch.no_grad():
+        assert torch.equal(fresh(clip), qm(clip))
+
+
+def test_fold_pairs_refuses_names_that_are_not_a_layer_and_a_batch_norm() -> None:
+    from resq_brevitas.nn.batch_norm import fold_pairs
+
+    net = _randomize_bn(UntraceableNet())
+    with pytest.raises(ValueError, match="pairs must name"):
+        fold_pairs(net, [("bn_a", "a")])
+    with pytest.raises(ValueError, match="pairs must name"):
+        fold_pairs(net, [("a", "bn_a"), ("b", "missing")])
+    assert isinstance(net.bn_a, nn.BatchNorm2d)  # the valid first pair was not folded either

@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_map
 
 from resq_brevitas.checks import check_int
 from resq_brevitas.config import ResQConfig, Scheme, load_object
+from resq_brevitas.nn.batch_norm import fold_pairs
 from resq_brevitas.nn.cost import CostReport, CostTally
 from resq_brevitas.nn.layers import DEFAULT_LAYER_MAP, ResQLayerMixin, is_resq_layer
 from resq_brevitas.policy.base import StreamStatus, build_policy, build_refresh
@@ -192,6 +193,9 @@ class ResQModel(nn.Module):
         self.calibrated = False
         #: BatchNorm folding waits for an example frame (the model could not be fx-traced).
         self.bn_fold_pending = False
+        #: ``(layer, batch norm)`` names folded into each other (saved in the state, so a
+        #: freshly converted copy of an untraceable model repeats the fold when it loads).
+        self.folded_batch_norms: tuple[tuple[str, str], ...] = ()
         self.last_cost: CostReport | None = None
         #: Bool ``[B, T]`` of the last call: rows run as keyframes (scheduled or forced).
         self.last_keyframes: Tensor | None = None
@@ -456,10 +460,17 @@ class ResQModel(nn.Module):
     def get_extra_state(self) -> dict[str, Any]:
         return {"input_ranks": dict(self._learned_ranks), "frame_rank": self._rank_override,
                 "calibrated": self.calibrated,
-                "config": self.config.to_dict(), "unsigned_inputs": list(self.unsigned_inputs)}
+                "config": self.config.to_dict(), "unsigned_inputs": list(self.unsigned_inputs),
+                "folded_batch_norms": [list(pair) for pair in self.folded_batch_norms]}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        # Runs before the layers load their parameters, so their quantizers are rebuilt first.
+        # Runs before the layers load their parameters, so their quantizers are rebuilt first,
+        # and a fold the saved model did at calibration (an eager trace) is repeated here, so
+        # the folded weights load into layers with no BatchNorm after them.
+        saved_folds = [tuple(pair) for pair in state.get("folded_batch_norms", ())]
+        if self.bn_fold_pending and saved_folds:
+            self.folded_batch_norms = tuple(fold_pairs(self.model, saved_folds, self.layer_map))
+            self.bn_fold_pending = False
         for name in state.get("unsigned_inputs", ()):
             self.use_unsigned_input(name)
         self._learned_ranks = dict(state.get("input_ranks", {}))
