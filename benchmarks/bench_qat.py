@@ -24,8 +24,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import resq_brevitas as resq
-from resq_brevitas.demo.clips import demo_clips
+from resq_brevitas.demo.clips import CALIB_SEED, demo_clips
 from resq_brevitas.demo.model import NUM_CLASSES, load_demo_model
+from resq_brevitas.demo.synthetic import make_clip
 from resq_brevitas.experiments.evaluation import compare_configs, format_table
 from resq_brevitas.train import FloatTeacher, build_optimizer, distillation_loss, qat_step
 
@@ -50,14 +51,12 @@ def _time_step(qm: resq.ResQModel, clip: torch.Tensor, repeats: int = 5) -> tupl
     return min(step_s), min(forward_s)
 
 
-def _worker(rank: int, world: int, port: int, state: dict, config: resq.ResQConfig,
-            clips: list, steps: int, out: dict) -> None:
+def _worker(rank: int, world: int, port: int, qm: resq.ResQModel, clips: list, steps: int,
+            out: dict) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=600))
-    qm = resq.convert(load_demo_model(), config)
-    qm.load_state_dict(state)
     dist.barrier()
     start = time.perf_counter()
     resq.train_qat(qm, clips, steps=steps, lr=1e-4, scale_lr=1e-3, progress=False)
@@ -73,7 +72,9 @@ def _distributed_seconds(qm: resq.ResQModel, clips: list, steps: int, world: int
         port = s.getsockname()[1]
     manager = mp.Manager()
     out = manager.dict()
-    mp.spawn(_worker, args=(world, port, qm.state_dict(), qm.config, clips, steps, out),
+    # The calibrated model itself (it pickles): the demo's BN is folded at calibration (torch.fx
+    # cannot trace it), so its state_dict does not load into a freshly converted model.
+    mp.spawn(_worker, args=(world, port, qm, clips, steps, out),
              nprocs=world, join=True)
     return float(out["seconds"])
 
@@ -90,7 +91,9 @@ def main() -> None:
     model = load_demo_model()
     calib, clips, labels = demo_clips(64, 6, 16, 64)
     configs = [resq.ResQConfig(scheme=s, period=t) for s, t in SCHEMES]
-    train_clips = [c[None, 8 * i:8 * (i + 1)] for c in calib for i in range(2)]  # [1, 8, ...]
+    # 8-frame clips (two periods of T = 4) from the calibration seeds: label-free QAT trains on
+    # calibration-like data, never on the evaluation clips.
+    train_clips = [make_clip(CALIB_SEED + i, frames=8)[0][None] for i in range(len(calib))]
     trained = {}
 
     def qat(config: resq.ResQConfig, qm: resq.ResQModel) -> resq.ResQModel:
@@ -105,7 +108,8 @@ def main() -> None:
                                progress=False, include_float=False, prepare=qat)
     for row in qat_rows:
         row.method += "+qat"
-    print(f"QAT: {args.steps} steps of one 8-frame clip, lr={args.lr:g}, "
+    print(f"QAT: {args.steps} steps of one 8-frame clip ({len(train_clips)} clips from the "
+          f"calibration seeds), lr={args.lr:g}, "
           f"scale_lr={args.scale_lr:g}, distilling the float model on the calibration clips")
     print(format_table([*ptq, *qat_rows]))
     for before, after in zip(ptq[1:], qat_rows):
