@@ -2,12 +2,13 @@
 
 For W8A8->W4A4 T=4, W8A8->W2A2 T=4 and frame W4A4: output SQNR against the float model and
 mIoU (against ground truth and the float model) after calibration and after QAT (distilling the
-float model on the calibration clips); the wall time of one training step relative to one
-time-batched forward of the same clip (measured side by side in this process); and, with
+float model on 8-frame clips drawn from the calibration seeds, never the evaluation clips); the
+wall time of one training step relative to one time-batched forward of the same clip (measured
+side by side in this process); and, with
 ``--processes 2``, the time of the same number of steps on 2 gloo processes (each on its half of
 the clips) relative to one.
 
-    PYTHONPATH=. python benchmarks/bench_qat.py --steps 200
+    PYTHONPATH=. python benchmarks/bench_qat.py --steps 200 [--timing-only] [--threads 1]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import copy
 import datetime
 import os
 import socket
+import tempfile
 import time
 
 import torch
@@ -51,12 +53,13 @@ def _time_step(qm: resq.ResQModel, clip: torch.Tensor, repeats: int = 5) -> tupl
     return min(step_s), min(forward_s)
 
 
-def _worker(rank: int, world: int, port: int, qm: resq.ResQModel, clips: list, steps: int,
+def _worker(rank: int, world: int, port: int, path: str, clips: list, steps: int,
             out: dict) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=600))
+    qm = torch.load(path, weights_only=False)
     dist.barrier()
     start = time.perf_counter()
     resq.train_qat(qm, clips, steps=steps, lr=1e-4, scale_lr=1e-3, progress=False)
@@ -72,28 +75,19 @@ def _distributed_seconds(qm: resq.ResQModel, clips: list, steps: int, world: int
         port = s.getsockname()[1]
     manager = mp.Manager()
     out = manager.dict()
-    # The calibrated model itself (it pickles): the demo's BN is folded at calibration (torch.fx
-    # cannot trace it), so its state_dict does not load into a freshly converted model.
-    mp.spawn(_worker, args=(world, port, qm, clips, steps, out),
-             nprocs=world, join=True)
+    # The calibrated model through a file (torch.save pickles it): spawn's own pickling of the
+    # tensors as shared-memory handles fails ("bad value(s) in fds_to_keep").
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "qm.pt")
+        torch.save(qm, path)
+        mp.spawn(_worker, args=(world, port, path, clips, steps, out), nprocs=world, join=True)
     return float(out["seconds"])
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--scale-lr", type=float, default=1e-3)
-    p.add_argument("--processes", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    model = load_demo_model()
-    calib, clips, labels = demo_clips(64, 6, 16, 64)
-    configs = [resq.ResQConfig(scheme=s, period=t) for s, t in SCHEMES]
-    # 8-frame clips (two periods of T = 4) from the calibration seeds: label-free QAT trains on
-    # calibration-like data, never on the evaluation clips.
-    train_clips = [make_clip(CALIB_SEED + i, frames=8)[0][None] for i in range(len(calib))]
+def _accuracy_table(model: torch.nn.Module, configs: list, calib: list, clips: list,
+                    labels: list, train_clips: list, args: argparse.Namespace
+                    ) -> resq.ResQModel:
+    """Print PTQ vs QAT for every config; return the QAT-trained first config's model."""
     trained = {}
 
     def qat(config: resq.ResQConfig, qm: resq.ResQModel) -> resq.ResQModel:
@@ -109,13 +103,36 @@ def main() -> None:
     for row in qat_rows:
         row.method += "+qat"
     print(f"QAT: {args.steps} steps of one 8-frame clip ({len(train_clips)} clips from the "
-          f"calibration seeds), lr={args.lr:g}, "
-          f"scale_lr={args.scale_lr:g}, distilling the float model on the calibration clips")
+          f"calibration seeds, distilling the float model), lr={args.lr:g}, "
+          f"scale_lr={args.scale_lr:g}")
     print(format_table([*ptq, *qat_rows]))
     for before, after in zip(ptq[1:], qat_rows):
         print(f"{before.scheme:>12} T={before.period}: SQNR {before.sqnr_db:.2f} -> "
               f"{after.sqnr_db:.2f} dB ({after.sqnr_db - before.sqnr_db:+.2f} dB)")
-    qm = trained[configs[0].notation]
+    return trained[configs[0].notation]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--scale-lr", type=float, default=1e-3)
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--timing-only", action="store_true",
+                   help="skip the PTQ/QAT accuracy table: time a calibrated W8A8->W4A4 model")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_demo_model()
+    calib, clips, labels = demo_clips(64, 6, 16, 64)
+    configs = [resq.ResQConfig(scheme=s, period=t) for s, t in SCHEMES]
+    # 8-frame clips (two periods of T = 4) from the calibration seeds: label-free QAT trains on
+    # calibration-like data, never on the evaluation clips.
+    train_clips = [make_clip(CALIB_SEED + i, frames=8)[0][None] for i in range(len(calib))]
+    if args.timing_only:
+        qm = resq.calibrate(resq.convert(model, configs[0]), calib, progress=False)
+    else:
+        qm = _accuracy_table(model, configs, calib, clips, labels, train_clips, args)
     step_s, forward_s = _time_step(qm, train_clips[0])
     print(f"one QAT step / one batched forward (W8A8->W4A4 T=4, 8 frames 64x64): "
           f"{step_s * 1e3:.0f} ms / {forward_s * 1e3:.0f} ms = {step_s / forward_s:.2f}x")
