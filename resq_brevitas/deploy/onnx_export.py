@@ -126,8 +126,12 @@ def _check_format(format: Any, allowed: Sequence[str], name: str = "format") -> 
 
 def _check_qcdq_bits(qm: ResQModel) -> None:
     schemes = [qm.scheme, *(o.scheme for o in qm.config.overrides)]
-    for path, precision in [item for s in schemes
-                            for item in (("keyframe", s.keyframe), ("residual", s.residual))]:
+    # A family's members each get a graph of their own: every one must fit QCDQ.
+    members = [(f"family member {a}", a.precision) for s in schemes for a in s.family
+               if a.precision is not None]
+    for path, precision in [*(item for s in schemes
+                              for item in (("keyframe", s.keyframe), ("residual", s.residual))),
+                            *members]:
         if precision is None or precision.is_float:
             continue
         if 0 in (precision.act_bits or ()):
@@ -416,11 +420,17 @@ def export(qm: ResQModel, example_frame: Tensor, out_dir: str | os.PathLike[str]
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir must be a str or path, got {type(out_dir).__name__}")
     out = Path(out_dir)
+    frame = example_frame.detach().to(next(qm.parameters()).device)
+    if qm.frame_policy is not None:
+        # A family scheme: the policy graph and one graph per action (another layout, chosen
+        # once here).
+        from resq_brevitas.deploy.policy_export import export_family
+
+        return export_family(qm, frame, out, format, finn=finn, opset=opset, check=check)
 
     steps = step_modules(qm, example_frame)
     key = copy.deepcopy(steps.keyframe).eval()
     res = copy.deepcopy(steps.residual).eval() if steps.residual is not None else None
-    frame = example_frame.detach().to(next(qm.parameters()).device)
     try:
         with torch.no_grad():
             key_out = key(frame)

@@ -133,6 +133,19 @@ class OnnxStream:
         ValueError: If ``backend`` or ``optimization`` is unknown or the manifest is malformed.
     """
 
+    def __new__(cls, out_dir: str | os.PathLike[str], *args: Any, **kwargs: Any) -> OnnxStream:
+        """An :class:`OnnxStream`, or a :class:`~resq_brevitas.deploy.policy_runtime.
+        PolicyOnnxStream` when the manifest in ``out_dir`` has a learned frame policy.
+
+        The kind of host loop is chosen here, once, from the manifest, so that
+        ``OnnxStream(out_dir)`` runs any export of :func:`resq_brevitas.export`.
+        """
+        if cls is OnnxStream and _has_policy(out_dir):
+            from resq_brevitas.deploy.policy_runtime import PolicyOnnxStream
+
+            return super().__new__(PolicyOnnxStream)
+        return super().__new__(cls)
+
     def __init__(self, out_dir: str | os.PathLike[str], backend: str | None = None,
                  providers: list[str] | None = None,
                  optimization: str = DEFAULT_OPTIMIZATION) -> None:
@@ -171,7 +184,7 @@ class OnnxStream:
         """A runner ``feeds -> outputs`` (in the manifest's output order) for one graph."""
         if not path.is_file():
             raise FileNotFoundError(f"graph file {path} listed in the manifest is missing")
-        io = getattr(self.manifest, kind)
+        io = self.manifest.io(kind)
         if self.backend == "onnxruntime":
             import onnxruntime as ort
 
@@ -248,13 +261,18 @@ class OnnxStream:
         """
         return self._output(self._step_leaves(frame))
 
-    def _step_leaves(self, frame: Any) -> list[np.ndarray]:
-        """One frame of the host loop; the output leaves in graph order."""
+    def _frame_array(self, frame: Any) -> np.ndarray:
+        """``frame`` as a float32 array of the exported shape."""
         x = _as_numpy(frame)
         if tuple(x.shape) != self.frame_shape:
             raise ValueError(
                 f"frame must have the exported shape {self.frame_shape}, got {tuple(x.shape)}"
             )
+        return x
+
+    def _step_leaves(self, frame: Any) -> list[np.ndarray]:
+        """One frame of the host loop; the output leaves in graph order."""
+        x = self._frame_array(frame)
         if self.next_is_keyframe:
             outputs = self._runners["keyframe"]({self.frame_name: x})
         else:
@@ -278,6 +296,15 @@ class OnnxStream:
         n = len(self.output_names)
         frames = [self._step_leaves(v[:, t]) for t in range(v.shape[1])]
         return self._output([np.stack([f[i] for f in frames], axis=1) for i in range(n)])
+
+
+def _has_policy(out_dir: Any) -> bool:
+    """Whether ``out_dir`` holds a manifest with a learned frame policy (``False`` when there is
+    no readable manifest: :class:`OnnxStream` then reports the problem)."""
+    try:
+        return Manifest.read(out_dir).policy is not None
+    except (OSError, TypeError, ValueError):
+        return False
 
 
 def _as_numpy(value: Any) -> np.ndarray:
