@@ -258,8 +258,9 @@ def export_family(qm: ResQModel, frame: Tensor, out: Path, format: str, *, finn:
             ios[kind] = GraphIO([ox.FRAME_NAME], [*outputs, *state_names])
         else:
             ios[kind] = GraphIO([ox.FRAME_NAME, *state_names], [*outputs, *out_names])
-    jobs = [(policy, (frame, zeros, zeros), out / files[POLICY_GRAPH],
-             ios[POLICY_GRAPH].inputs, ios[POLICY_GRAPH].outputs)]
+    policy_job = (policy, (frame, zeros, zeros), out / files[POLICY_GRAPH],
+                  ios[POLICY_GRAPH].inputs, ios[POLICY_GRAPH].outputs)
+    jobs = []
     for kind, module in modules.items():
         args = (frame,) if side == "frame" or kind == "keyframe" else (frame, *key_state)
         jobs.append((FlatOutputs(module), args, out / files[kind], ios[kind].inputs,
@@ -270,6 +271,9 @@ def export_family(qm: ResQModel, frame: Tensor, out: Path, format: str, *, finn:
     reports: dict[str, Any] = {}
     try:
         used_opset = ox._export_graphs(format, jobs, opset)
+        # The policy has no Brevitas layers: exported without the QONNX domain (which it would
+        # not use), at the step graphs' opset.
+        ox._export_graphs("qcdq", [policy_job], used_opset)
         for kind, name in files.items():
             if format == "qonnx":
                 ox._cleanup_qonnx(out / name)
