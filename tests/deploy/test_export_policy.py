@@ -5,6 +5,8 @@ against the PyTorch model's outputs and chosen actions."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -17,6 +19,7 @@ from torch import nn
 import resq_brevitas as resq
 from resq_brevitas.deploy import Manifest, OnnxStream, export, export_artifacts
 from resq_brevitas.deploy.policy_runtime import SCHEDULED_KEYFRAME, PolicyOnnxStream
+from tests.helpers import force_policy, scramble_policy
 
 SIZE = 16
 FRAMES = 8
@@ -60,30 +63,6 @@ def _fixed(scheme: str, period: int = PERIOD) -> resq.ResQModel:
     return qm.eval()
 
 
-def _scramble(qm: resq.ResQModel, video: torch.Tensor, seed: int) -> None:
-    """A random head on the standardised LSTM states of ``video``: rows and frames take
-    different actions, and which one depends on the carried state (as in tests/policy)."""
-    g = torch.Generator().manual_seed(seed)
-    policy = qm.frame_policy
-    with torch.no_grad():
-        state, hidden = None, []
-        for t in range(video.shape[1]):
-            _, state = policy(video[:, t], state)
-            hidden.append(state[0])
-        h = torch.cat(hidden)
-        weight = torch.randn(policy.head.weight.shape, generator=g) / h.std(0).clamp_min(1e-6)
-        policy.head.weight.copy_(weight)
-        policy.head.bias.copy_(-(h @ weight.T).mean(0))
-
-
-def _force(qm: resq.ResQModel, action: int) -> None:
-    """The policy's head picks ``action`` whatever the frame."""
-    with torch.no_grad():
-        qm.frame_policy.head.weight.zero_()
-        qm.frame_policy.head.bias.zero_()
-        qm.frame_policy.head.bias[action] = 50.0
-
-
 def _policy_actions(qm: resq.ResQModel, video: torch.Tensor, carry: bool) -> torch.Tensor:
     """The eval argmax of the PyTorch policy per frame (skip masked on the first frame), with
     the LSTM state carried or restarted every frame: what a runtime that forgets it computes."""
@@ -116,36 +95,38 @@ def video() -> torch.Tensor:
     return _video()
 
 
-@pytest.fixture(scope="module")
-def frame_family(video):
-    qm = _model(FRAME_FAMILY)
-    _scramble(qm, video, seed=0)
+def _scrambled(scheme: str, video: torch.Tensor, seed: int) -> tuple[Any, ...]:
+    """A family model whose policy takes varied actions on ``video``; its outputs and actions."""
+    qm = _model(scheme)
+    scramble_policy(qm, video, seed=seed)
     with torch.no_grad():
         reference = qm(video).numpy()
     return qm, reference, qm.last_actions.numpy()
+
+
+@pytest.fixture(scope="module")
+def frame_family(video):
+    return _scrambled(FRAME_FAMILY, video, seed=0)
 
 
 @pytest.fixture(scope="module")
 def residual_family(video):
-    qm = _model(RESIDUAL_FAMILY)
-    _scramble(qm, video, seed=1)
-    with torch.no_grad():
-        reference = qm(video).numpy()
-    return qm, reference, qm.last_actions.numpy()
+    return _scrambled(RESIDUAL_FAMILY, video, seed=1)
+
+
+def _exported(family: tuple[Any, ...], video: torch.Tensor, out: Path) -> Path:
+    export(family[0], video[:, 0], out, format="qcdq")
+    return out
 
 
 @pytest.fixture(scope="module")
 def frame_dir(frame_family, video, tmp_path_factory):
-    out = tmp_path_factory.mktemp("frame_family")
-    export(frame_family[0], video[:, 0], out, format="qcdq")
-    return out
+    return _exported(frame_family, video, tmp_path_factory.mktemp("frame_family"))
 
 
 @pytest.fixture(scope="module")
 def residual_dir(residual_family, video, tmp_path_factory):
-    out = tmp_path_factory.mktemp("residual_family")
-    export(residual_family[0], video[:, 0], out, format="qcdq")
-    return out
+    return _exported(residual_family, video, tmp_path_factory.mktemp("residual_family"))
 
 
 def _assert_sensitive(qm: resq.ResQModel, video: torch.Tensor, actions: np.ndarray) -> None:
@@ -266,7 +247,7 @@ def test_residual_family_stream_reproduces_pytorch_with_skip_key_and_schedule(
 def test_policy_forced_to_one_action_streams_like_the_fixed_precision_export(
         scheme, fixed_scheme, period, video, tmp_path):
     family = _model(scheme, period=period)
-    _force(family, 0)
+    force_policy(family, 0)
     fixed = _fixed(fixed_scheme, period=period)
     export(family, video[:, 0], tmp_path / "family", format="qcdq")
     export(fixed, video[:, 0], tmp_path / "fixed", format="qcdq")
