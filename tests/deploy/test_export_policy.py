@@ -4,6 +4,7 @@ against the PyTorch model's outputs and chosen actions."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -262,18 +263,28 @@ def test_policy_forced_to_one_action_streams_like_the_fixed_precision_export(
     assert taken == ({0} if period == 1 else {0, SCHEDULED_KEYFRAME})
 
 
-def test_forced_skip_is_recorded_and_the_first_frame_falls_back_to_the_top_member(
-        frame_family, video, tmp_path):
-    qm, _, _ = frame_family
-    with qm.frame_policy.forced(3), torch.no_grad():
+@pytest.mark.parametrize("how", ["context", "head"])
+def test_skip_is_refused_on_the_first_frame_then_reuses_it(how, video, tmp_path):
+    """``forced(skip)`` is exported as ``forced_action`` (the first frame falls back to the top
+    member, W8A8); a head whose logits favour skip, then W4A4, has skip masked on the first frame
+    by the host (the argmax of the rest, W4A4), as ``FramePolicyNetwork.sample`` masks it."""
+    qm = _model(FRAME_FAMILY)
+    if how == "head":
+        force_policy(qm, 3)
+        with torch.no_grad():
+            qm.frame_policy.head.bias[1] = 10.0
+    forced = qm.frame_policy.forced(3) if how == "context" else contextlib.nullcontext()
+    with forced, torch.no_grad():
         reference = qm(video).numpy()
         expected_actions = qm.last_actions.numpy()
         manifest = export(qm, video[:, 0], tmp_path, format="qcdq")
-    assert manifest.policy.forced_action == 3 and qm.frame_policy.forced_action is None
+    assert manifest.policy.forced_action == (3 if how == "context" else None)
+    assert qm.frame_policy.forced_action is None
     stream = OnnxStream(tmp_path)
     y = stream.run(video)
     np.testing.assert_array_equal(stream.last_actions, expected_actions)
-    assert (stream.last_actions[:, 0] == 0).all() and (stream.last_actions[:, 1:] == 3).all()
+    first = 0 if how == "context" else 1
+    assert (stream.last_actions[:, 0] == first).all() and (stream.last_actions[:, 1:] == 3).all()
     np.testing.assert_allclose(y, reference, rtol=0, atol=ATOL)
     assert all(np.array_equal(y[:, t], y[:, 0]) for t in range(FRAMES))
 
