@@ -67,6 +67,7 @@ from torch import Tensor, nn
 from resq_brevitas.checks import check_frame
 from resq_brevitas.deploy.manifest import GraphIO, Manifest, TensorEntry
 from resq_brevitas.deploy.outputs import OUTPUT_NAME, FlatOutputs, flatten_output, leaf_names
+from resq_brevitas.deploy.policy_export import export_family, freeze_truncated_weights
 from resq_brevitas.deploy.steps import _check_model as _check_steps
 from resq_brevitas.deploy.steps import step_modules
 from resq_brevitas.temporal.model import ResQModel
@@ -424,13 +425,17 @@ def export(qm: ResQModel, example_frame: Tensor, out_dir: str | os.PathLike[str]
     if qm.frame_policy is not None:
         # A family scheme: the policy graph and one graph per action (another layout, chosen
         # once here).
-        from resq_brevitas.deploy.policy_export import export_family
-
         return export_family(qm, frame, out, format, finn=finn, opset=opset, check=check)
 
     steps = step_modules(qm, example_frame)
     key = copy.deepcopy(steps.keyframe).eval()
     res = copy.deepcopy(steps.residual).eval() if steps.residual is not None else None
+    # residual_weights="truncated": the residual graph stores its own float copy of the
+    # truncated weights (off the integer grid; see resq_brevitas.deploy.policy_export). The
+    # keyframe copy holds the (unused) residual views too, and Brevitas's handlers would try to
+    # take their integer form.
+    freeze_truncated_weights(key)
+    truncated = freeze_truncated_weights(res) if res is not None else []
     try:
         with torch.no_grad():
             key_out = key(frame)
@@ -506,7 +511,8 @@ def export(qm: ResQModel, example_frame: Tensor, out_dir: str | os.PathLike[str]
         how_to_drive=_recipe(qm.period, res is not None, len(names), outputs),
         finn={kind: {k: v for k, v in report.items() if k != "aliases"}
               for kind, report in reports.items()},
-        extra={"attention_exportable_path": attention} if attention else {},
+        extra={**({"attention_exportable_path": attention} if attention else {}),
+               **({"truncated_weights_stored_as_float": truncated} if truncated else {})},
     )
     manifest.write(out)
     if check:

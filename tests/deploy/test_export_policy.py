@@ -308,3 +308,23 @@ def test_policy_stream_refuses_an_export_without_a_policy(video, tmp_path):
         PolicyOnnxStream(tmp_path)
     stream = OnnxStream(tmp_path)
     assert type(stream) is OnnxStream
+
+
+# ---------------------------------------------------------------- truncated weights of plain ResQ
+def test_truncated_residual_weights_export_as_float_copies_and_stream_like_pytorch(video,
+                                                                                  tmp_path):
+    """``residual_weights="truncated"`` (one integer weight for both paths in PyTorch): the
+    residual graph stores the truncated, mean-aligned weight itself, not a fresh 4-bit one."""
+    qm = resq.convert(_net(), resq.ResQConfig(scheme="W8A8->W4A4", period=PERIOD,
+                                              residual_weights="truncated", calibration=SEARCH))
+    resq.calibrate(qm, CALIB, progress=False)
+    qm.eval()
+    manifest = export(qm, video[:, 0], tmp_path, format="qcdq")
+    assert manifest.extra["truncated_weights_stored_as_float"] == [
+        f"resq_residual_step.{name}.layer.residual.view" for name, _ in qm.resq_layers()]
+    with torch.no_grad():
+        reference = qm(video).numpy()
+        view = next(layer for _, layer in qm.resq_layers()).residual.quant_weight().numpy()
+    np.testing.assert_allclose(OnnxStream(tmp_path).run(video), reference, rtol=0, atol=ATOL)
+    assert any(a.shape == view.shape and np.array_equal(a, view)
+               for a in _constants(tmp_path / "residual.onnx"))
