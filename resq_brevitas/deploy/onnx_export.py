@@ -32,6 +32,14 @@ export flags never touch ``qm``, and Brevitas is not patched. (The qonnx cleanup
 :func:`resq_brevitas.deploy.runtime.qonnx_ir_compat`, which lowers ``onnx.IR_VERSION`` for the
 duration of the cleanup only.)
 
+A model with a family scheme and a learned frame policy (``{W8A8,W4A4,W2A2,skip}``,
+``W8A8->{W8A4,W4A4,skip,key}``) is written by :func:`resq_brevitas.deploy.policy_export.
+export_family` instead: the policy network as ``policy.onnx`` and one step graph per action
+(``manifest.actions``, ``manifest.policy``; ``OnnxStream`` runs the policy, then the chosen
+graph). Truncated any-precision weights (family members, ``residual_weights="truncated"``) are
+stored as float copies in the graphs that use them: their mean offset puts them off the integer
+grid that QCDQ and QONNX weights need.
+
 The graphs are built by :func:`resq_brevitas.deploy.steps.step_modules`: torch.fx step graphs when
 ``qm.model`` is traceable (symbolically, or with the example frame's shapes), otherwise eager step
 modules with the same semantics. Shapes are static (those of
@@ -379,11 +387,16 @@ def export(qm: ResQModel, example_frame: Tensor, out_dir: str | os.PathLike[str]
     ``nn.MultiheadAttention`` modules left in float are exported through torch's exportable
     attention path, not the fused fast path it takes under ``no_grad``.
 
+    A family scheme with a learned frame policy writes ``policy.onnx`` and one graph per
+    action instead (:mod:`resq_brevitas.deploy.policy_export`; ``manifest.actions`` lists the
+    actions in the policy's order with the graph of each, ``null`` for ``skip``).
+
     Args:
         qm: A calibrated :class:`~resq_brevitas.ResQModel` (not modified).
         example_frame: One frame ``[B, C, ...]``; fixes the graphs' static shapes.
         out_dir: Directory to write ``keyframe.onnx``, ``residual.onnx`` (absent under frame
-            quantization) and ``manifest.json``; created if missing.
+            quantization) and ``manifest.json`` (plus ``policy.onnx`` and the action graphs
+            for a family scheme); created if missing.
         format: ``"qonnx"`` (``Quant`` nodes, for FINN) or ``"qcdq"`` (QuantizeLinear / Clip /
             DequantizeLinear, for onnxruntime; bits <= 8).
         finn: ``format="qonnx"``: rewrite the graphs so that FINN's builder takes them (exact;

@@ -328,3 +328,33 @@ def test_truncated_residual_weights_export_as_float_copies_and_stream_like_pytor
     np.testing.assert_allclose(OnnxStream(tmp_path).run(video), reference, rtol=0, atol=ATOL)
     assert any(a.shape == view.shape and np.array_equal(a, view)
                for a in _constants(tmp_path / "residual.onnx"))
+
+
+class _CheckedNet(nn.Module):
+    """``_net``'s layers behind a check on values: torch.fx cannot trace it (eager steps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _net()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x must be finite")
+        return self.body(x)
+
+
+def test_untraceable_model_exports_eager_action_graphs(video, tmp_path):
+    config = resq.ResQConfig(scheme=RESIDUAL_FAMILY, period=PERIOD, policy=POLICY,
+                             calibration=SEARCH)
+    qm = resq.convert(_CheckedNet().eval(), config)
+    resq.calibrate(qm, CALIB, progress=False)
+    qm.eval()
+    scramble_policy(qm, video, seed=1)
+    manifest = export(qm, video[:, 0], tmp_path, format="qcdq")
+    assert manifest.graph_source == "eager"
+    with torch.no_grad():
+        reference = qm(video).numpy()
+    stream = OnnxStream(tmp_path)
+    np.testing.assert_allclose(stream.run(video), reference, rtol=0, atol=ATOL)
+    np.testing.assert_array_equal(stream.last_actions, qm.last_actions.numpy())
+    assert {0, 1} <= set(np.unique(stream.last_actions))  # both residual members' graphs ran
