@@ -9,9 +9,9 @@ runtime, and unrolled clips for FX-graph-mode QAT.
   policy graph and one step graph per action, which :func:`export` writes for them);
 - :mod:`~resq_brevitas.deploy.manifest`: :class:`Manifest` (written and read by the same code);
 - :mod:`~resq_brevitas.deploy.outputs`: dict/tuple/list model outputs as flat graph outputs;
-- :mod:`~resq_brevitas.deploy.runtime`: :class:`OnnxStream` (the host loop over the graphs);
-- :mod:`~resq_brevitas.deploy.policy_runtime`: :class:`PolicyOnnxStream` (the policy, then the
-  chosen action's graph, each frame; ``OnnxStream(out_dir)`` opens one for such an export);
+- :mod:`~resq_brevitas.deploy.runtime`: :class:`OnnxStream` (the host loop over the graphs) and
+  :class:`PolicyOnnxStream` (the policy, then the chosen action's graph, each frame;
+  ``OnnxStream(out_dir)`` opens one for such an export);
 - :mod:`~resq_brevitas.deploy.parity`: the export's check of the graphs against PyTorch;
 - :mod:`~resq_brevitas.deploy.unroll`: :func:`unroll` (a float clip for ``prepare_qat_fx``).
 
@@ -30,8 +30,12 @@ from resq_brevitas.deploy.onnx_export import FORMATS, MAX_OPSET, MIN_OPSET, expo
 from resq_brevitas.deploy.outputs import flatten_output, rebuild_output
 from resq_brevitas.deploy.parity import MIN_FAITHFUL_SQNR_DB
 from resq_brevitas.deploy.policy_export import PolicyStep, freeze_truncated_weights
-from resq_brevitas.deploy.policy_runtime import PolicyOnnxStream
-from resq_brevitas.deploy.runtime import DEFAULT_OPTIMIZATION, OnnxStream, qonnx_ir_compat
+from resq_brevitas.deploy.runtime import (
+    DEFAULT_OPTIMIZATION,
+    OnnxStream,
+    PolicyOnnxStream,
+    qonnx_ir_compat,
+)
 from resq_brevitas.deploy.step_modules import (
     FamilyFrameStep,
     KeyframeStep,

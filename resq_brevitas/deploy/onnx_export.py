@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import shutil
 import warnings
 from collections.abc import Sequence
@@ -73,7 +72,19 @@ import torch
 from torch import Tensor, nn
 
 from resq_brevitas.checks import check_frame
-from resq_brevitas.deploy.manifest import GraphIO, Manifest, TensorEntry
+from resq_brevitas.deploy.graph_writer import (
+    FRAME_NAME,
+    MAX_OPSET,
+    MIN_OPSET,
+    OPSET,
+    STATE_OUT_SUFFIX,
+    check_onnx,
+    cleanup_qonnx,
+    export_graphs,
+    prepare_graph_for_finn,
+    tensor_entry,
+)
+from resq_brevitas.deploy.manifest import GraphIO, Manifest
 from resq_brevitas.deploy.outputs import OUTPUT_NAME, FlatOutputs, flatten_output, leaf_names
 from resq_brevitas.deploy.policy_export import export_family, freeze_truncated_weights
 from resq_brevitas.deploy.steps import _check_model as _check_steps
@@ -93,18 +104,6 @@ __all__ = [
 
 #: Formats :func:`export` writes.
 FORMATS = ("qonnx", "qcdq")
-#: The lowest ONNX opset of the standard domain, and the first one :func:`export` tries:
-#: per-channel ``QuantizeLinear``/``DequantizeLinear`` (Brevitas's QCDQ weights) need 13.
-MIN_OPSET = 13
-#: Kept for callers of earlier releases: the first opset tried (:data:`MIN_OPSET`).
-OPSET = MIN_OPSET
-#: The highest opset :func:`export` uses: the newest the TorchScript ``torch.onnx.export`` of
-#: torch 2.13 writes (onnxruntime 1.32 and qonnx's node-by-node execution run up to 23;
-#: ``tests/deploy/test_export_graphs.py`` runs an export at this opset in both).
-MAX_OPSET = 20
-FRAME_NAME = "frame"
-#: Suffix of the residual graph's state outputs (ONNX names are unique per graph).
-STATE_OUT_SUFFIX = "_out"
 
 
 def check_exportable(qm: Any) -> None:
@@ -157,48 +156,6 @@ def _check_qcdq_bits(qm: ResQModel) -> None:
             )
 
 
-def _managers(format: str) -> tuple[type, dict[str, Any]]:
-    if format == "qonnx":
-        from brevitas.export.onnx.qonnx.function import DOMAIN_STRING, DOMAIN_VERSION
-        from brevitas.export.onnx.qonnx.manager import QONNXManager
-
-        return QONNXManager, {"custom_opsets": {DOMAIN_STRING: DOMAIN_VERSION}}
-    from brevitas.export.onnx.standard.qcdq.manager import StdQCDQONNXManager
-
-    return StdQCDQONNXManager, {}
-
-
-def _onnx_export(format: str, module: nn.Module, args: tuple[Tensor, ...], path: Path,
-                 input_names: list[str], output_names: list[str], opset: int) -> None:
-    """Run ``torch.onnx.export`` (TorchScript) with Brevitas's export handlers attached.
-
-    ``module`` is a private deep copy: handlers and export flags stay on it.
-    """
-    from brevitas.export.manager import (
-        ExportContext,
-        _override_act_caching_mode,
-        _restore_act_caching_mode,
-    )
-
-    manager, kwargs = _managers(format)
-    module.eval()
-    with torch.no_grad(), ExportContext(manager), warnings.catch_warnings():
-        # Tracer and legacy-exporter warnings are expected on this path and say nothing to users.
-        warnings.simplefilter("ignore")
-        module.apply(manager.set_export_handler)
-        manager._cache_inp_out(module, *args)
-        manager.set_export_mode(module, enabled=True)
-        module.apply(lambda m: _override_act_caching_mode(m, enabled=False))
-        try:
-            torch.onnx.export(
-                module, args, str(path), dynamo=False, opset_version=opset,
-                input_names=input_names, output_names=output_names,
-                keep_initializers_as_inputs=False, do_constant_folding=True, **kwargs,
-            )
-        finally:
-            module.apply(_restore_act_caching_mode)
-            manager.set_export_mode(module, enabled=False)
-
 
 class _ExportableMultiheadAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` that never takes its fused fast path (for export only).
@@ -232,25 +189,6 @@ def _exportable_attention(module: nn.Module) -> list[str]:
     return changed
 
 
-_ADDED_IN = re.compile(r"added in version (\d+)")
-
-
-def _needed_opset(err: BaseException, opset: int) -> int | None:
-    """The opset an export error asks for, or ``None`` if it is not about the opset.
-
-    torch's ``UnsupportedOperatorError`` says "Support for this operator was added in version
-    N" when a newer opset has the operator.
-    """
-    from torch.onnx.errors import UnsupportedOperatorError
-
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, UnsupportedOperatorError):
-            match = _ADDED_IN.search(str(seen))
-            return int(match.group(1)) if match and int(match.group(1)) > opset else None
-        seen = seen.__cause__ or seen.__context__
-    return None
-
 
 def _check_opset(opset: Any) -> int | None:
     if opset is None:
@@ -264,90 +202,6 @@ def _check_opset(opset: Any) -> int | None:
                          f"got {opset}")
     return opset
 
-
-def _export_graphs(format: str, jobs: list[tuple[nn.Module, tuple[Tensor, ...], Path,
-                                                 list[str], list[str]]],
-                   opset: int | None) -> int:
-    """Export every graph of ``jobs`` at one opset; returns it.
-
-    With ``opset=None`` the lowest opset from :data:`MIN_OPSET` that every graph needs: an
-    operator torch exports only from a newer opset (``scaled_dot_product_attention``: 14,
-    ``grid_sampler``: 16) moves all graphs to that opset, up to :data:`MAX_OPSET`.
-
-    Raises:
-        ValueError: An operator that has no ONNX form at the opset asked for, or at any opset
-            up to :data:`MAX_OPSET` (the message names it).
-    """
-    current = opset if opset is not None else MIN_OPSET
-    while True:
-        try:
-            for job in jobs:
-                _onnx_export(format, *job, current)
-            return current
-        except Exception as err:
-            needed = _needed_opset(err, current)
-            if needed is None:
-                from torch.onnx.errors import UnsupportedOperatorError
-
-                if isinstance(err, UnsupportedOperatorError):
-                    raise ValueError(f"the model cannot be exported: {str(err).splitlines()[0]}"
-                                     ) from err
-                raise
-            if opset is not None or needed > MAX_OPSET:
-                why = (f"opset={opset} was asked for" if opset is not None
-                       else f"export writes opsets up to {MAX_OPSET}")
-                raise ValueError(
-                    f"the model needs ONNX opset {needed} ({str(err).splitlines()[0]}); {why}"
-                ) from err
-            current = needed
-
-
-def _cleanup_qonnx(path: Path) -> None:
-    """qonnx cleanup that keeps graph input/output names (FINN's usual first step)."""
-    from qonnx.core.modelwrapper import ModelWrapper
-    from qonnx.transformation.fold_constants import FoldConstants
-    from qonnx.transformation.general import (
-        GiveUniqueNodeNames,
-        GiveUniqueParameterTensors,
-        RemoveStaticGraphInputs,
-        RemoveUnusedTensors,
-    )
-    from qonnx.transformation.infer_shapes import InferShapes
-
-    from resq_brevitas.deploy.runtime import qonnx_ir_compat
-
-    model = ModelWrapper(str(path))
-    with qonnx_ir_compat(model.model):
-        for transform in (InferShapes(), GiveUniqueParameterTensors(),
-                          FoldConstants(exclude_op_types=["Quant", "BipolarQuant"]),
-                          RemoveUnusedTensors(), RemoveStaticGraphInputs(),
-                          GiveUniqueNodeNames(), InferShapes()):
-            model = model.transform(transform)
-    model.save(str(path))
-
-
-def _prepare_for_finn(path: Path) -> dict[str, Any]:
-    """Rewrite a cleaned QONNX graph so FINN's builder takes it (exact); its report."""
-    import onnx
-
-    from resq_brevitas.deploy.finn import prepare_for_finn
-
-    model, report = prepare_for_finn(onnx.load(str(path)))
-    onnx.save(model, str(path))
-    return report
-
-
-def _check_onnx(path: Path) -> None:
-    import onnx
-
-    model = onnx.load(str(path))
-    onnx.checker.check_model(model)
-
-
-def _tensor_entry(name: str, tensor: Tensor, layer: str | None = None,
-                  kind: str | None = None) -> TensorEntry:
-    return TensorEntry(name, list(tensor.shape), str(tensor.dtype).replace("torch.", ""), layer,
-                       kind)
 
 
 def _recipe(period: int, has_residual: bool, n_state: int, outputs: list[str]) -> list[str]:
@@ -475,15 +329,15 @@ def export(qm: ResQModel, example_frame: Tensor, out_dir: str | os.PathLike[str]
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        used_opset = _export_graphs(format, jobs, opset)
+        used_opset = export_graphs(format, jobs, opset)
         reports: dict[str, Any] = {}
         for kind, path in files.items():
             if format == "qonnx":
-                _cleanup_qonnx(out / path)
+                cleanup_qonnx(out / path)
                 if finn:
-                    reports[kind] = _prepare_for_finn(out / path)
+                    reports[kind] = prepare_graph_for_finn(out / path)
             else:
-                _check_onnx(out / path)
+                check_onnx(out / path)
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
@@ -502,11 +356,11 @@ def export(qm: ResQModel, example_frame: Tensor, out_dir: str | os.PathLike[str]
         files=files,
         config=qm.config.to_dict(),
         scheme=qm.notation,
-        input=_tensor_entry(FRAME_NAME, frame),
-        output=_tensor_entry(outputs[0], leaves[0]),
-        outputs=[_tensor_entry(name, leaf) for name, leaf in zip(outputs, leaves)],
+        input=tensor_entry(FRAME_NAME, frame),
+        output=tensor_entry(outputs[0], leaves[0]),
+        outputs=[tensor_entry(name, leaf) for name, leaf in zip(outputs, leaves)],
         output_structure=structure,
-        state=[_tensor_entry(spec.name, t, spec.layer, spec.kind)
+        state=[tensor_entry(spec.name, t, spec.layer, spec.kind)
                for spec, t in zip(steps.state, key_out[1:])],
         keyframe=GraphIO([FRAME_NAME], [*outputs, *names],
                          reports.get("keyframe", {}).get("aliases", {})),

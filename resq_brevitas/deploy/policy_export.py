@@ -19,7 +19,7 @@ its own graph next to one step graph per action::
 
 Frame-family graphs carry no state (every frame is computed from the frame alone), so they
 output the model output only. ``skip`` has no graph: the host reuses the previous output. The
-host loop (:class:`~resq_brevitas.deploy.policy_runtime.PolicyOnnxStream`, which
+host loop (:class:`~resq_brevitas.deploy.runtime.PolicyOnnxStream`, which
 ``OnnxStream(out_dir)`` opens for such a folder) runs the policy graph, then the chosen
 action's graph, each frame, as :class:`~resq_brevitas.temporal.actions.ActionExecutor` does.
 
@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from resq_brevitas.deploy import graph_writer as ox
 from resq_brevitas.deploy.manifest import ActionEntry, GraphIO, Manifest, PolicyEntry
 from resq_brevitas.deploy.outputs import FlatOutputs, flatten_output, leaf_names
 from resq_brevitas.deploy.steps import step_modules
@@ -185,8 +186,6 @@ def export_family(qm: ResQModel, frame: Tensor, out: Path, format: str, *, finn:
     Raises:
         ValueError: The policy or a step graph does not run on ``frame``, or has no ONNX form.
     """
-    from resq_brevitas.deploy import onnx_export as ox
-
     scheme = qm.scheme
     side = scheme.family_side
     actions = scheme.family
@@ -270,17 +269,17 @@ def export_family(qm: ResQModel, frame: Tensor, out: Path, format: str, *, finn:
     out.mkdir(parents=True, exist_ok=True)
     reports: dict[str, Any] = {}
     try:
-        used_opset = ox._export_graphs(format, jobs, opset)
+        used_opset = ox.export_graphs(format, jobs, opset)
         # The policy has no Brevitas layers: exported without the QONNX domain (which it would
         # not use), at the step graphs' opset.
-        ox._export_graphs("qcdq", [policy_job], used_opset)
+        ox.export_graphs("qcdq", [policy_job], used_opset)
         for kind, name in files.items():
             if format == "qonnx":
-                ox._cleanup_qonnx(out / name)
+                ox.cleanup_qonnx(out / name)
                 if finn and kind != POLICY_GRAPH:
-                    reports[kind] = ox._prepare_for_finn(out / name)
+                    reports[kind] = ox.prepare_graph_for_finn(out / name)
             else:
-                ox._check_onnx(out / name)
+                ox.check_onnx(out / name)
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
@@ -303,11 +302,11 @@ def export_family(qm: ResQModel, frame: Tensor, out: Path, format: str, *, finn:
         files=files,
         config=qm.config.to_dict(),
         scheme=qm.notation,
-        input=ox._tensor_entry(ox.FRAME_NAME, frame),
-        output=ox._tensor_entry(outputs[0], leaves[0]),
-        outputs=[ox._tensor_entry(name, leaf) for name, leaf in zip(outputs, leaves)],
+        input=ox.tensor_entry(ox.FRAME_NAME, frame),
+        output=ox.tensor_entry(outputs[0], leaves[0]),
+        outputs=[ox.tensor_entry(name, leaf) for name, leaf in zip(outputs, leaves)],
         output_structure=structure,
-        state=[ox._tensor_entry(spec.name, t, spec.layer, spec.kind)
+        state=[ox.tensor_entry(spec.name, t, spec.layer, spec.kind)
                for spec, t in zip(base.state, key_state)],
         keyframe=ios["keyframe"],
         residual=ios.get("residual"),
@@ -325,8 +324,8 @@ def export_family(qm: ResQModel, frame: Tensor, out: Path, format: str, *, finn:
         actions=entries,
         policy=PolicyEntry(
             graph=POLICY_GRAPH, side=side,
-            logits=ox._tensor_entry(LOGITS_NAME, logits),
-            state=[ox._tensor_entry(name, t) for name, t in zip(POLICY_STATE, policy_state)],
+            logits=ox.tensor_entry(LOGITS_NAME, logits),
+            state=[ox.tensor_entry(name, t) for name, t in zip(POLICY_STATE, policy_state)],
             skip_index=skip, key_index=key, top_index=top,
             forced_action=network.forced_action,
             how_to_choose=_recipe(side, qm.period, outputs)[2:3]),

@@ -19,7 +19,7 @@ from torch import nn
 
 import resq_brevitas as resq
 from resq_brevitas.deploy import Manifest, OnnxStream, export, export_artifacts
-from resq_brevitas.deploy.policy_runtime import SCHEDULED_KEYFRAME, PolicyOnnxStream
+from resq_brevitas.deploy.runtime import SCHEDULED_KEYFRAME, PolicyOnnxStream
 from tests.helpers import force_policy, scramble_policy
 
 SIZE = 16
