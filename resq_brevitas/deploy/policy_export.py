@@ -184,7 +184,8 @@ def export_family(qm: ResQModel, frame: Tensor, out: Path, format: str, *, finn:
         The manifest (also written).
 
     Raises:
-        ValueError: The policy or a step graph does not run on ``frame``, or has no ONNX form.
+        ValueError: The policy or a step graph does not run on ``frame``, or has no ONNX form
+            (e.g. the policy's ``input_size`` does not divide the frame's height and width).
     """
     scheme = qm.scheme
     side = scheme.family_side
@@ -194,6 +195,14 @@ def export_family(qm: ResQModel, frame: Tensor, out: Path, format: str, *, finn:
     # The member the layers' own paths serve (ActionExecutor's fallback for a refused action).
     top_precision = scheme.keyframe if side == "frame" else scheme.residual
     top = next(i for i, a in enumerate(actions) if a.precision == top_precision)
+    size = network.settings.input_size
+    if frame.dim() == 4 and (frame.shape[-2] % size or frame.shape[-1] % size):
+        # torch's ONNX form of adaptive average pooling is an AvgPool: whole windows only.
+        raise ValueError(
+            f"example_frame: the frame policy's input_size={size} must divide the frame's height "
+            f"and width to export its downsampling (an AvgPool of whole windows); got a frame "
+            f"of shape {tuple(frame.shape)}"
+        )
     policy = PolicyStep(copy.deepcopy(network)).eval()
     hidden = network.lstm.hidden_size
     zeros = frame.new_zeros(frame.shape[0], hidden)

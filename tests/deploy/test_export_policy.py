@@ -299,6 +299,8 @@ def test_bad_formats_and_frames_are_rejected_and_nothing_is_written(frame_family
         export_artifacts(qm, _net(), video[:, 0], tmp_path / "art", ["qcdq", "fx"])
     with pytest.raises(ValueError, match="example_frame"):
         export(qm, video[:, 0, :2], tmp_path / "channels", format="qcdq")
+    with pytest.raises(ValueError, match=r"input_size=8 must divide .* shape \(3, 3, 20, 20\)"):
+        export(qm, torch.randn(3, 3, 20, 20), tmp_path / "size", format="qcdq")
     assert not any(tmp_path.iterdir())
 
 
