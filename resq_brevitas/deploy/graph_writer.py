@@ -24,9 +24,11 @@ __all__ = [
     "MIN_OPSET",
     "OPSET",
     "STATE_OUT_SUFFIX",
+    "ExportableMultiheadAttention",
     "check_onnx",
     "cleanup_qonnx",
     "export_graphs",
+    "exportable_attention",
     "managers",
     "needed_opset",
     "onnx_export_module",
@@ -196,3 +198,35 @@ def tensor_entry(name: str, tensor: Tensor, layer: str | None = None,
                   kind: str | None = None) -> TensorEntry:
     return TensorEntry(name, list(tensor.shape), str(tensor.dtype).replace("torch.", ""), layer,
                        kind)
+
+
+class ExportableMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` that never takes its fused fast path (for export only).
+
+    Under ``no_grad`` in eval mode, ``nn.MultiheadAttention.forward`` calls
+    ``torch._native_multi_head_attention``, which has no ONNX form. One of the fast path's
+    documented conditions is that autograd is off or no argument requires grad; this forward
+    runs the stock one with grad enabled (thread-local, scoped to the call) on parameters that
+    require grad, so torch takes its own exportable path (``F.multi_head_attention_forward``)
+    with the same arguments and semantics. Only private export copies get this class
+    (:func:`exportable_attention`); ``torch.backends.mha``'s global switch is not touched.
+    """
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.enable_grad():
+            return super().forward(*args, **kwargs)
+
+
+def exportable_attention(module: nn.Module) -> list[str]:
+    """Make every ``nn.MultiheadAttention`` in a private export copy take the exportable path.
+
+    Returns the names of the modules changed (for the manifest).
+    """
+    changed = []
+    for name, child in module.named_modules():
+        if type(child) is nn.MultiheadAttention:
+            child.__class__ = ExportableMultiheadAttention
+            for param in child.parameters():  # the private copy only: the fast path's test
+                param.requires_grad_(True)
+            changed.append(name)
+    return changed

@@ -72,6 +72,7 @@ class ActionEntry:
         kind: ``"precision"``, ``"skip"`` or ``"key"``.
         graph: The ``files`` key of the graph the action runs (``"keyframe"`` for ``key``),
             ``None`` for ``skip`` (the host reuses the previous output: nothing runs).
+        file: That graph's file name in the export folder (``None`` for ``skip``).
         weights: What the graph stores as this action's weights (e.g. a float copy of the
             truncated any-precision weight); ``None`` for ``skip``.
     """
@@ -80,6 +81,7 @@ class ActionEntry:
     name: str
     kind: str
     graph: str | None
+    file: str | None = None
     weights: str | None = None
 
 

@@ -53,7 +53,7 @@ the lowest from :data:`MIN_OPSET` that the graphs need (torch's ``UnsupportedOpe
 names the opset that adds an operator; the export is retried there, up to :data:`MAX_OPSET`),
 or the one asked for; torch's exporter prints the TorchScript graph of a failed attempt to
 stdout (its ONNX log), which is noise here. ``nn.MultiheadAttention`` left in float takes
-torch's exportable path in the private copy (:class:`_ExportableMultiheadAttention`). After
+torch's exportable path in the private copy (:class:`ExportableMultiheadAttention`). After
 writing, the graphs are checked against PyTorch on the example frame
 (:mod:`resq_brevitas.deploy.parity`).
 """
@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from resq_brevitas.checks import check_frame
 from resq_brevitas.deploy.graph_writer import (
@@ -81,6 +81,7 @@ from resq_brevitas.deploy.graph_writer import (
     check_onnx,
     cleanup_qonnx,
     export_graphs,
+    exportable_attention,
     prepare_graph_for_finn,
     tensor_entry,
 )
@@ -155,38 +156,6 @@ def _check_qcdq_bits(qm: ResQModel) -> None:
                 f"{path} precision of scheme {qm.notation} is {precision}: use format='qonnx'"
             )
 
-
-
-class _ExportableMultiheadAttention(nn.MultiheadAttention):
-    """``nn.MultiheadAttention`` that never takes its fused fast path (for export only).
-
-    Under ``no_grad`` in eval mode, ``nn.MultiheadAttention.forward`` calls
-    ``torch._native_multi_head_attention``, which has no ONNX form. One of the fast path's
-    documented conditions is that autograd is off or no argument requires grad; this forward
-    runs the stock one with grad enabled (thread-local, scoped to the call) on parameters that
-    require grad, so torch takes its own exportable path (``F.multi_head_attention_forward``)
-    with the same arguments and semantics. Only private export copies get this class
-    (:func:`_exportable_attention`); ``torch.backends.mha``'s global switch is not touched.
-    """
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.enable_grad():
-            return super().forward(*args, **kwargs)
-
-
-def _exportable_attention(module: nn.Module) -> list[str]:
-    """Make every ``nn.MultiheadAttention`` in a private export copy take the exportable path.
-
-    Returns the names of the modules changed (for the manifest).
-    """
-    changed = []
-    for name, child in module.named_modules():
-        if type(child) is nn.MultiheadAttention:
-            child.__class__ = _ExportableMultiheadAttention
-            for param in child.parameters():  # the private copy only: the fast path's test
-                param.requires_grad_(True)
-            changed.append(name)
-    return changed
 
 
 
@@ -314,7 +283,7 @@ def export(qm: ResQModel, example_frame: Tensor, out_dir: str | os.PathLike[str]
         ) from err
     leaves, structure = flatten_output(key_out[0])
     attention = sorted({name for module in (key, res) if module is not None
-                        for name in _exportable_attention(module)})
+                        for name in exportable_attention(module)})
 
     names = [spec.name for spec in steps.state]
     out_names = [n + STATE_OUT_SUFFIX for n in names]

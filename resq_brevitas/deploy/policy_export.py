@@ -214,7 +214,7 @@ def export_family(qm: ResQModel, frame: Tensor, out: Path, format: str, *, finn:
                          f"the frame policy: {err}") from err
 
     base = step_modules(qm, frame)
-    # graph kind -> (private copy of the step module, the action it serves or None)
+    # graph kind -> a private copy of its step module; action index -> graph kind (None: skip)
     modules: dict[str, nn.Module] = {}
     frozen: dict[str, list[str]] = {}
     graph_of: dict[int, str | None] = {}
@@ -237,6 +237,7 @@ def export_family(qm: ResQModel, frame: Tensor, out: Path, format: str, *, finn:
         modules["keyframe"] = copy.deepcopy(base.keyframe).eval()
     for kind, module in modules.items():
         frozen[kind] = freeze_truncated_weights(module)
+        ox.exportable_attention(module)  # as the fixed export: no fused attention fast path
 
     state_names = [spec.name for spec in base.state] if side == "residual" else []
     out_names = [n + ox.STATE_OUT_SUFFIX for n in state_names]
@@ -302,7 +303,8 @@ def export_family(qm: ResQModel, frame: Tensor, out: Path, format: str, *, finn:
         kind = graph_of[i]
         note = (None if kind is None else "the keyframe's weights" if action.kind == "key"
                 else _weights_note(action, frozen[kind], key_bits))
-        entries.append(ActionEntry(i, str(action), action.kind, kind, note))
+        entries.append(ActionEntry(i, str(action), action.kind, kind,
+                                   files[kind] if kind is not None else None, note))
     skip = next((i for i, a in enumerate(actions) if a.kind == "skip"), None)
     key = next((i for i, a in enumerate(actions) if a.kind == "key"), None)
     manifest = Manifest(

@@ -188,9 +188,12 @@ def test_frame_family_manifest_lists_actions_graphs_and_policy_state(frame_famil
     manifest = Manifest.read(frame_dir)
     data = json.loads((frame_dir / "manifest.json").read_text())
     assert data["version"] == 3 and Manifest.from_dict(data) == manifest
-    assert [(a.index, a.name, a.kind, a.graph) for a in manifest.actions] == [
-        (0, "W8A8", "precision", "keyframe"), (1, "W4A4", "precision", "frame_W4A4"),
-        (2, "W2A2", "precision", "frame_W2A2"), (3, "skip", "skip", None)]
+    assert [(a.index, a.name, a.kind, a.graph, a.file) for a in manifest.actions] == [
+        (0, "W8A8", "precision", "keyframe", "keyframe.onnx"),
+        (1, "W4A4", "precision", "frame_W4A4", "frame_W4A4.onnx"),
+        (2, "W2A2", "precision", "frame_W2A2", "frame_W2A2.onnx"),
+        (3, "skip", "skip", None, None)]
+    assert all((frame_dir / a.file).is_file() for a in manifest.actions if a.file)
     assert manifest.files == {"policy": "policy.onnx", "keyframe": "keyframe.onnx",
                               "frame_W4A4": "frame_W4A4.onnx", "frame_W2A2": "frame_W2A2.onnx"}
     policy = manifest.policy
