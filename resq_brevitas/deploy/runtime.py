@@ -120,6 +120,9 @@ def backend_for(manifest: Manifest, backend: str | None = None) -> str:
 class OnnxStream:
     """Run the exported keyframe and residual graphs over frames, carrying the state.
 
+    For an export with a learned frame policy (``manifest.policy``), ``OnnxStream(out_dir)``
+    returns a :class:`PolicyOnnxStream`, which runs the policy and then each row's action.
+
     Args:
         out_dir: A directory written by :func:`resq_brevitas.export` (with ``manifest.json``).
         backend: ``"onnxruntime"`` or ``"qonnx"`` (``execute_onnx``); ``None`` (default) picks
@@ -231,7 +234,8 @@ class OnnxStream:
         return self.schedule.is_keyframe(self.t) or "residual" not in self._runners
 
     def run_graph(self, kind: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Run one graph (``"keyframe"`` or ``"residual"``) on named inputs, outside the loop.
+        """Run one graph (a ``manifest.files`` key: ``"keyframe"``, ``"residual"``, or for a
+        family scheme ``"policy"`` and the action graphs) on named inputs, outside the loop.
 
         Returns every output in the manifest's order (the output leaves, then the state), aliases
         re-created; the stream's counter and state are not touched.
