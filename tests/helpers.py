@@ -186,3 +186,28 @@ def make_tiny_segnet(seed: int = 0) -> TinySegNet:
     """A TinySegNet in eval mode with seeded weights."""
     torch.manual_seed(seed)
     return TinySegNet().eval()
+
+
+def force_policy(qm: nn.Module, action: int, scale: float = 50.0) -> None:
+    """Make a family model's policy head pick ``action`` whatever the frame."""
+    with torch.no_grad():
+        qm.frame_policy.head.weight.zero_()
+        qm.frame_policy.head.bias.zero_()
+        qm.frame_policy.head.bias[action] = scale
+
+
+def scramble_policy(qm: nn.Module, video: torch.Tensor, seed: int = 1) -> None:
+    """A random head on the standardised hidden states of ``video``: the frames' small
+    differences (and the carried LSTM state) decide, so rows and frames take different
+    actions."""
+    g = torch.Generator().manual_seed(seed)
+    policy = qm.frame_policy
+    with torch.no_grad():
+        state, hidden = None, []
+        for t in range(video.shape[1]):
+            _, state = policy(video[:, t], state)
+            hidden.append(state[0])
+        h = torch.cat(hidden)
+        weight = torch.randn(policy.head.weight.shape, generator=g) / h.std(0).clamp_min(1e-6)
+        policy.head.weight.copy_(weight)
+        policy.head.bias.copy_(-(h @ weight.T).mean(0))

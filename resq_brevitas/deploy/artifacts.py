@@ -53,6 +53,12 @@ def export_artifacts(qm: ResQModel, float_model: nn.Module | None, example_frame
     for fmt in formats:
         _check_format(fmt, ARTIFACT_FORMATS, name="formats item")
     check_exportable(qm)
+    if "fx" in formats and getattr(qm, "frame_policy", None) is not None:
+        raise ValueError(
+            f"formats item 'fx' cannot express a learned frame policy (scheme {qm.notation}): "
+            "the unrolled clip has one fixed precision per call site; use 'qcdq' or 'qonnx', "
+            "which export the policy and one graph per action"
+        )
     check_example_frame(qm, example_frame)
     if "qcdq" in formats:
         _check_qcdq_bits(qm)

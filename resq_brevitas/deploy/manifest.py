@@ -14,11 +14,16 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MANIFEST_NAME", "MANIFEST_VERSION", "GraphIO", "Manifest", "TensorEntry"]
+__all__ = ["MANIFEST_NAME", "MANIFEST_VERSION", "READABLE_VERSIONS", "ActionEntry", "GraphIO",
+           "Manifest", "PolicyEntry", "TensorEntry"]
 
 MANIFEST_NAME = "manifest.json"
-#: Version of the manifest layout (2: typed manifest with the config; 1 had no ``config``).
-MANIFEST_VERSION = 2
+#: Version of the manifest layout (3: ``actions``, ``policy`` and ``graphs`` for a learned
+#: frame policy; 2: typed manifest with the config; 1 had no ``config``).
+MANIFEST_VERSION = 3
+#: Versions :meth:`Manifest.from_dict` reads: version 3 only adds fields with defaults, so a
+#: version 2 manifest reads as an export without a policy.
+READABLE_VERSIONS = (2, 3)
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,66 @@ class GraphIO:
     aliases: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ActionEntry:
+    """One action of a family scheme's learned policy (the policy graph's logit ``index``).
+
+    Attributes:
+        index: Position in the policy's logits (the family's written order).
+        name: ``"W4A4"``, ``"skip"`` or ``"key"``.
+        kind: ``"precision"``, ``"skip"`` or ``"key"``.
+        graph: The ``files`` key of the graph the action runs (``"keyframe"`` for ``key``),
+            ``None`` for ``skip`` (the host reuses the previous output: nothing runs).
+        file: That graph's file name in the export folder (``None`` for ``skip``).
+        weights: What the graph stores as this action's weights (e.g. a float copy of the
+            truncated any-precision weight); ``None`` for ``skip``.
+    """
+
+    index: int
+    name: str
+    kind: str
+    graph: str | None
+    file: str | None = None
+    weights: str | None = None
+
+
+@dataclass(frozen=True)
+class PolicyEntry:
+    """The learned frame policy's graph and how the host turns its logits into actions.
+
+    Attributes:
+        graph: The ``files`` key of the policy graph (``"policy"``).
+        side: ``"frame"`` (``{W8A8,W4A4,skip}``: every frame runs its action's graph) or
+            ``"residual"`` (``W8A8->{W4A4,skip,key}``: keyframes on the schedule, the action
+            picks each residual frame's graph).
+        logits: The policy graph's logits output ``[B, |actions|]``.
+        state: The policy's recurrent state (LSTM ``h``, ``c``) in graph order: inputs under
+            these names, outputs under ``name + "_out"``; zeros at a stream's first frame.
+        skip_index: The ``skip`` action, or ``None``.
+        key_index: The ``key`` action, or ``None``.
+        top_index: The highest precision action, taken where the chosen action is not allowed
+            (``skip`` before a stream has an output).
+        forced_action: The action every row takes whatever the logits (the PyTorch policy was
+            exported inside ``FramePolicyNetwork.forced``), else ``None``.
+        how_to_choose: The rule in words.
+    """
+
+    graph: str
+    side: str
+    logits: TensorEntry
+    state: list[TensorEntry]
+    skip_index: int | None
+    key_index: int | None
+    top_index: int
+    forced_action: int | None = None
+    how_to_choose: list[str] = field(default_factory=list)
+
+    @property
+    def state_names(self) -> list[str]:
+        """Names of the policy state tensors, in graph order."""
+        return [entry.name for entry in self.state]
+
+
 @dataclass
 class Manifest:
     """Everything a host program needs to run the exported step graphs.
@@ -90,6 +155,11 @@ class Manifest:
         parity: What the export's check measured (:func:`resq_brevitas.deploy.parity.
             check_export`): the graphs against PyTorch on the example frame, per backend level.
         extra: Format-specific fields (``fx``: call sites for a ``QConfigMapping``).
+        actions: Family schemes: the policy's actions in logit order, with the graph of each.
+        policy: Family schemes: the policy graph, its state and the choice rule; ``None`` for
+            a fixed scheme.
+        graphs: The inputs and outputs of every graph other than ``keyframe``/``residual``
+            (the policy graph, one graph per precision action), by ``files`` key.
         version: :data:`MANIFEST_VERSION`.
     """
 
@@ -115,7 +185,24 @@ class Manifest:
     finn: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    actions: list[ActionEntry] = field(default_factory=list)
+    policy: PolicyEntry | None = None
+    graphs: dict[str, GraphIO] = field(default_factory=dict)
     version: int = MANIFEST_VERSION
+
+    def io(self, kind: str) -> GraphIO:
+        """The inputs and outputs of graph ``kind`` (a ``files`` key).
+
+        Raises:
+            ValueError: ``kind`` names no graph with known inputs and outputs.
+        """
+        known = self.graphs.get(kind) if kind not in ("keyframe", "residual") else getattr(
+            self, kind)
+        if known is None:
+            kinds = [k for k in self.files if k in self.graphs or k in ("keyframe", "residual")]
+            raise ValueError(f"kind must name a graph of this export, one of {kinds}, got "
+                             f"{kind!r}")
+        return known
 
     @property
     def output_names(self) -> list[str]:
@@ -149,10 +236,10 @@ class Manifest:
         if not isinstance(data, dict):
             raise ValueError(f"a manifest must be a JSON object, got {type(data).__name__}")
         version = data.get("version")
-        if version != MANIFEST_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ValueError(
-                f"manifest version {version!r} is not supported (this release reads version "
-                f"{MANIFEST_VERSION}); export the model again"
+                f"manifest version {version!r} is not supported (this release reads versions "
+                f"{READABLE_VERSIONS}); export the model again"
             )
         known = {f.name for f in fields(cls)}
         missing = [name for name in ("format", "period", "files") if name not in data]
@@ -167,6 +254,13 @@ class Manifest:
         for key in ("keyframe", "residual"):
             if values.get(key) is not None:
                 values[key] = GraphIO(**values[key])
+        values["graphs"] = {k: GraphIO(**v) for k, v in values.get("graphs", {}).items()}
+        values["actions"] = [ActionEntry(**entry) for entry in values.get("actions", [])]
+        if values.get("policy") is not None:
+            policy = dict(values["policy"])
+            policy["logits"] = TensorEntry(**policy["logits"])
+            policy["state"] = [TensorEntry(**entry) for entry in policy["state"]]
+            values["policy"] = PolicyEntry(**policy)
         return cls(**values)
 
     @classmethod

@@ -32,6 +32,14 @@ export flags never touch ``qm``, and Brevitas is not patched. (The qonnx cleanup
 :func:`resq_brevitas.deploy.runtime.qonnx_ir_compat`, which lowers ``onnx.IR_VERSION`` for the
 duration of the cleanup only.)
 
+A model with a family scheme and a learned frame policy (``{W8A8,W4A4,W2A2,skip}``,
+``W8A8->{W8A4,W4A4,skip,key}``) is written by :func:`resq_brevitas.deploy.policy_export.
+export_family` instead: the policy network as ``policy.onnx`` and one step graph per action
+(``manifest.actions``, ``manifest.policy``; ``OnnxStream`` runs the policy, then the chosen
+graph). Truncated any-precision weights (family members, ``residual_weights="truncated"``) are
+stored as float copies in the graphs that use them: their mean offset puts them off the integer
+grid that QCDQ and QONNX weights need.
+
 The graphs are built by :func:`resq_brevitas.deploy.steps.step_modules`: torch.fx step graphs when
 ``qm.model`` is traceable (symbolically, or with the example frame's shapes), otherwise eager step
 modules with the same semantics. Shapes are static (those of
@@ -45,7 +53,7 @@ the lowest from :data:`MIN_OPSET` that the graphs need (torch's ``UnsupportedOpe
 names the opset that adds an operator; the export is retried there, up to :data:`MAX_OPSET`),
 or the one asked for; torch's exporter prints the TorchScript graph of a failed attempt to
 stdout (its ONNX log), which is noise here. ``nn.MultiheadAttention`` left in float takes
-torch's exportable path in the private copy (:class:`_ExportableMultiheadAttention`). After
+torch's exportable path in the private copy (:class:`ExportableMultiheadAttention`). After
 writing, the graphs are checked against PyTorch on the example frame
 (:mod:`resq_brevitas.deploy.parity`).
 """
@@ -54,7 +62,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import shutil
 import warnings
 from collections.abc import Sequence
@@ -62,11 +69,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from resq_brevitas.checks import check_frame
-from resq_brevitas.deploy.manifest import GraphIO, Manifest, TensorEntry
+from resq_brevitas.deploy.graph_writer import (
+    FRAME_NAME,
+    MAX_OPSET,
+    MIN_OPSET,
+    OPSET,
+    STATE_OUT_SUFFIX,
+    check_onnx,
+    cleanup_qonnx,
+    export_graphs,
+    exportable_attention,
+    prepare_graph_for_finn,
+    tensor_entry,
+)
+from resq_brevitas.deploy.manifest import GraphIO, Manifest
 from resq_brevitas.deploy.outputs import OUTPUT_NAME, FlatOutputs, flatten_output, leaf_names
+from resq_brevitas.deploy.policy_export import export_family, freeze_truncated_weights
 from resq_brevitas.deploy.steps import _check_model as _check_steps
 from resq_brevitas.deploy.steps import step_modules
 from resq_brevitas.temporal.model import ResQModel
@@ -84,18 +105,6 @@ __all__ = [
 
 #: Formats :func:`export` writes.
 FORMATS = ("qonnx", "qcdq")
-#: The lowest ONNX opset of the standard domain, and the first one :func:`export` tries:
-#: per-channel ``QuantizeLinear``/``DequantizeLinear`` (Brevitas's QCDQ weights) need 13.
-MIN_OPSET = 13
-#: Kept for callers of earlier releases: the first opset tried (:data:`MIN_OPSET`).
-OPSET = MIN_OPSET
-#: The highest opset :func:`export` uses: the newest the TorchScript ``torch.onnx.export`` of
-#: torch 2.13 writes (onnxruntime 1.32 and qonnx's node-by-node execution run up to 23;
-#: ``tests/deploy/test_export_graphs.py`` runs an export at this opset in both).
-MAX_OPSET = 20
-FRAME_NAME = "frame"
-#: Suffix of the residual graph's state outputs (ONNX names are unique per graph).
-STATE_OUT_SUFFIX = "_out"
 
 
 def check_exportable(qm: Any) -> None:
@@ -126,8 +135,12 @@ def _check_format(format: Any, allowed: Sequence[str], name: str = "format") -> 
 
 def _check_qcdq_bits(qm: ResQModel) -> None:
     schemes = [qm.scheme, *(o.scheme for o in qm.config.overrides)]
-    for path, precision in [item for s in schemes
-                            for item in (("keyframe", s.keyframe), ("residual", s.residual))]:
+    # A family's members each get a graph of their own: every one must fit QCDQ.
+    members = [(f"family member {a}", a.precision) for s in schemes for a in s.family
+               if a.precision is not None]
+    for path, precision in [*(item for s in schemes
+                              for item in (("keyframe", s.keyframe), ("residual", s.residual))),
+                            *members]:
         if precision is None or precision.is_float:
             continue
         if 0 in (precision.act_bits or ()):
@@ -144,99 +157,6 @@ def _check_qcdq_bits(qm: ResQModel) -> None:
             )
 
 
-def _managers(format: str) -> tuple[type, dict[str, Any]]:
-    if format == "qonnx":
-        from brevitas.export.onnx.qonnx.function import DOMAIN_STRING, DOMAIN_VERSION
-        from brevitas.export.onnx.qonnx.manager import QONNXManager
-
-        return QONNXManager, {"custom_opsets": {DOMAIN_STRING: DOMAIN_VERSION}}
-    from brevitas.export.onnx.standard.qcdq.manager import StdQCDQONNXManager
-
-    return StdQCDQONNXManager, {}
-
-
-def _onnx_export(format: str, module: nn.Module, args: tuple[Tensor, ...], path: Path,
-                 input_names: list[str], output_names: list[str], opset: int) -> None:
-    """Run ``torch.onnx.export`` (TorchScript) with Brevitas's export handlers attached.
-
-    ``module`` is a private deep copy: handlers and export flags stay on it.
-    """
-    from brevitas.export.manager import (
-        ExportContext,
-        _override_act_caching_mode,
-        _restore_act_caching_mode,
-    )
-
-    manager, kwargs = _managers(format)
-    module.eval()
-    with torch.no_grad(), ExportContext(manager), warnings.catch_warnings():
-        # Tracer and legacy-exporter warnings are expected on this path and say nothing to users.
-        warnings.simplefilter("ignore")
-        module.apply(manager.set_export_handler)
-        manager._cache_inp_out(module, *args)
-        manager.set_export_mode(module, enabled=True)
-        module.apply(lambda m: _override_act_caching_mode(m, enabled=False))
-        try:
-            torch.onnx.export(
-                module, args, str(path), dynamo=False, opset_version=opset,
-                input_names=input_names, output_names=output_names,
-                keep_initializers_as_inputs=False, do_constant_folding=True, **kwargs,
-            )
-        finally:
-            module.apply(_restore_act_caching_mode)
-            manager.set_export_mode(module, enabled=False)
-
-
-class _ExportableMultiheadAttention(nn.MultiheadAttention):
-    """``nn.MultiheadAttention`` that never takes its fused fast path (for export only).
-
-    Under ``no_grad`` in eval mode, ``nn.MultiheadAttention.forward`` calls
-    ``torch._native_multi_head_attention``, which has no ONNX form. One of the fast path's
-    documented conditions is that autograd is off or no argument requires grad; this forward
-    runs the stock one with grad enabled (thread-local, scoped to the call) on parameters that
-    require grad, so torch takes its own exportable path (``F.multi_head_attention_forward``)
-    with the same arguments and semantics. Only private export copies get this class
-    (:func:`_exportable_attention`); ``torch.backends.mha``'s global switch is not touched.
-    """
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.enable_grad():
-            return super().forward(*args, **kwargs)
-
-
-def _exportable_attention(module: nn.Module) -> list[str]:
-    """Make every ``nn.MultiheadAttention`` in a private export copy take the exportable path.
-
-    Returns the names of the modules changed (for the manifest).
-    """
-    changed = []
-    for name, child in module.named_modules():
-        if type(child) is nn.MultiheadAttention:
-            child.__class__ = _ExportableMultiheadAttention
-            for param in child.parameters():  # the private copy only: the fast path's test
-                param.requires_grad_(True)
-            changed.append(name)
-    return changed
-
-
-_ADDED_IN = re.compile(r"added in version (\d+)")
-
-
-def _needed_opset(err: BaseException, opset: int) -> int | None:
-    """The opset an export error asks for, or ``None`` if it is not about the opset.
-
-    torch's ``UnsupportedOperatorError`` says "Support for this operator was added in version
-    N" when a newer opset has the operator.
-    """
-    from torch.onnx.errors import UnsupportedOperatorError
-
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, UnsupportedOperatorError):
-            match = _ADDED_IN.search(str(seen))
-            return int(match.group(1)) if match and int(match.group(1)) > opset else None
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 def _check_opset(opset: Any) -> int | None:
@@ -251,90 +171,6 @@ def _check_opset(opset: Any) -> int | None:
                          f"got {opset}")
     return opset
 
-
-def _export_graphs(format: str, jobs: list[tuple[nn.Module, tuple[Tensor, ...], Path,
-                                                 list[str], list[str]]],
-                   opset: int | None) -> int:
-    """Export every graph of ``jobs`` at one opset; returns it.
-
-    With ``opset=None`` the lowest opset from :data:`MIN_OPSET` that every graph needs: an
-    operator torch exports only from a newer opset (``scaled_dot_product_attention``: 14,
-    ``grid_sampler``: 16) moves all graphs to that opset, up to :data:`MAX_OPSET`.
-
-    Raises:
-        ValueError: An operator that has no ONNX form at the opset asked for, or at any opset
-            up to :data:`MAX_OPSET` (the message names it).
-    """
-    current = opset if opset is not None else MIN_OPSET
-    while True:
-        try:
-            for job in jobs:
-                _onnx_export(format, *job, current)
-            return current
-        except Exception as err:
-            needed = _needed_opset(err, current)
-            if needed is None:
-                from torch.onnx.errors import UnsupportedOperatorError
-
-                if isinstance(err, UnsupportedOperatorError):
-                    raise ValueError(f"the model cannot be exported: {str(err).splitlines()[0]}"
-                                     ) from err
-                raise
-            if opset is not None or needed > MAX_OPSET:
-                why = (f"opset={opset} was asked for" if opset is not None
-                       else f"export writes opsets up to {MAX_OPSET}")
-                raise ValueError(
-                    f"the model needs ONNX opset {needed} ({str(err).splitlines()[0]}); {why}"
-                ) from err
-            current = needed
-
-
-def _cleanup_qonnx(path: Path) -> None:
-    """qonnx cleanup that keeps graph input/output names (FINN's usual first step)."""
-    from qonnx.core.modelwrapper import ModelWrapper
-    from qonnx.transformation.fold_constants import FoldConstants
-    from qonnx.transformation.general import (
-        GiveUniqueNodeNames,
-        GiveUniqueParameterTensors,
-        RemoveStaticGraphInputs,
-        RemoveUnusedTensors,
-    )
-    from qonnx.transformation.infer_shapes import InferShapes
-
-    from resq_brevitas.deploy.runtime import qonnx_ir_compat
-
-    model = ModelWrapper(str(path))
-    with qonnx_ir_compat(model.model):
-        for transform in (InferShapes(), GiveUniqueParameterTensors(),
-                          FoldConstants(exclude_op_types=["Quant", "BipolarQuant"]),
-                          RemoveUnusedTensors(), RemoveStaticGraphInputs(),
-                          GiveUniqueNodeNames(), InferShapes()):
-            model = model.transform(transform)
-    model.save(str(path))
-
-
-def _prepare_for_finn(path: Path) -> dict[str, Any]:
-    """Rewrite a cleaned QONNX graph so FINN's builder takes it (exact); its report."""
-    import onnx
-
-    from resq_brevitas.deploy.finn import prepare_for_finn
-
-    model, report = prepare_for_finn(onnx.load(str(path)))
-    onnx.save(model, str(path))
-    return report
-
-
-def _check_onnx(path: Path) -> None:
-    import onnx
-
-    model = onnx.load(str(path))
-    onnx.checker.check_model(model)
-
-
-def _tensor_entry(name: str, tensor: Tensor, layer: str | None = None,
-                  kind: str | None = None) -> TensorEntry:
-    return TensorEntry(name, list(tensor.shape), str(tensor.dtype).replace("torch.", ""), layer,
-                       kind)
 
 
 def _recipe(period: int, has_residual: bool, n_state: int, outputs: list[str]) -> list[str]:
@@ -374,11 +210,16 @@ def export(qm: ResQModel, example_frame: Tensor, out_dir: str | os.PathLike[str]
     ``nn.MultiheadAttention`` modules left in float are exported through torch's exportable
     attention path, not the fused fast path it takes under ``no_grad``.
 
+    A family scheme with a learned frame policy writes ``policy.onnx`` and one graph per
+    action instead (:mod:`resq_brevitas.deploy.policy_export`; ``manifest.actions`` lists the
+    actions in the policy's order with the graph of each, ``null`` for ``skip``).
+
     Args:
         qm: A calibrated :class:`~resq_brevitas.ResQModel` (not modified).
         example_frame: One frame ``[B, C, ...]``; fixes the graphs' static shapes.
         out_dir: Directory to write ``keyframe.onnx``, ``residual.onnx`` (absent under frame
-            quantization) and ``manifest.json``; created if missing.
+            quantization) and ``manifest.json`` (plus ``policy.onnx`` and the action graphs
+            for a family scheme); created if missing.
         format: ``"qonnx"`` (``Quant`` nodes, for FINN) or ``"qcdq"`` (QuantizeLinear / Clip /
             DequantizeLinear, for onnxruntime; bits <= 8).
         finn: ``format="qonnx"``: rewrite the graphs so that FINN's builder takes them (exact;
@@ -416,11 +257,21 @@ def export(qm: ResQModel, example_frame: Tensor, out_dir: str | os.PathLike[str]
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir must be a str or path, got {type(out_dir).__name__}")
     out = Path(out_dir)
+    frame = example_frame.detach().to(next(qm.parameters()).device)
+    if qm.frame_policy is not None:
+        # A family scheme: the policy graph and one graph per action (another layout, chosen
+        # once here).
+        return export_family(qm, frame, out, format, finn=finn, opset=opset, check=check)
 
     steps = step_modules(qm, example_frame)
     key = copy.deepcopy(steps.keyframe).eval()
     res = copy.deepcopy(steps.residual).eval() if steps.residual is not None else None
-    frame = example_frame.detach().to(next(qm.parameters()).device)
+    # residual_weights="truncated": the residual graph stores its own float copy of the
+    # truncated weights (off the integer grid; see resq_brevitas.deploy.policy_export). The
+    # keyframe copy holds the (unused) residual views too, and Brevitas's handlers would try to
+    # take their integer form.
+    freeze_truncated_weights(key)
+    truncated = freeze_truncated_weights(res) if res is not None else []
     try:
         with torch.no_grad():
             key_out = key(frame)
@@ -432,7 +283,7 @@ def export(qm: ResQModel, example_frame: Tensor, out_dir: str | os.PathLike[str]
         ) from err
     leaves, structure = flatten_output(key_out[0])
     attention = sorted({name for module in (key, res) if module is not None
-                        for name in _exportable_attention(module)})
+                        for name in exportable_attention(module)})
 
     names = [spec.name for spec in steps.state]
     out_names = [n + STATE_OUT_SUFFIX for n in names]
@@ -447,15 +298,15 @@ def export(qm: ResQModel, example_frame: Tensor, out_dir: str | os.PathLike[str]
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        used_opset = _export_graphs(format, jobs, opset)
+        used_opset = export_graphs(format, jobs, opset)
         reports: dict[str, Any] = {}
         for kind, path in files.items():
             if format == "qonnx":
-                _cleanup_qonnx(out / path)
+                cleanup_qonnx(out / path)
                 if finn:
-                    reports[kind] = _prepare_for_finn(out / path)
+                    reports[kind] = prepare_graph_for_finn(out / path)
             else:
-                _check_onnx(out / path)
+                check_onnx(out / path)
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
@@ -474,11 +325,11 @@ def export(qm: ResQModel, example_frame: Tensor, out_dir: str | os.PathLike[str]
         files=files,
         config=qm.config.to_dict(),
         scheme=qm.notation,
-        input=_tensor_entry(FRAME_NAME, frame),
-        output=_tensor_entry(outputs[0], leaves[0]),
-        outputs=[_tensor_entry(name, leaf) for name, leaf in zip(outputs, leaves)],
+        input=tensor_entry(FRAME_NAME, frame),
+        output=tensor_entry(outputs[0], leaves[0]),
+        outputs=[tensor_entry(name, leaf) for name, leaf in zip(outputs, leaves)],
         output_structure=structure,
-        state=[_tensor_entry(spec.name, t, spec.layer, spec.kind)
+        state=[tensor_entry(spec.name, t, spec.layer, spec.kind)
                for spec, t in zip(steps.state, key_out[1:])],
         keyframe=GraphIO([FRAME_NAME], [*outputs, *names],
                          reports.get("keyframe", {}).get("aliases", {})),
@@ -496,7 +347,8 @@ def export(qm: ResQModel, example_frame: Tensor, out_dir: str | os.PathLike[str]
         how_to_drive=_recipe(qm.period, res is not None, len(names), outputs),
         finn={kind: {k: v for k, v in report.items() if k != "aliases"}
               for kind, report in reports.items()},
-        extra={"attention_exportable_path": attention} if attention else {},
+        extra={**({"attention_exportable_path": attention} if attention else {}),
+               **({"truncated_weights_stored_as_float": truncated} if truncated else {})},
     )
     manifest.write(out)
     if check:

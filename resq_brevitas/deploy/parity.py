@@ -33,7 +33,7 @@ from resq_brevitas.deploy.runtime import (
     OnnxStream,
 )
 
-__all__ = ["MIN_FAITHFUL_SQNR_DB", "check_export", "next_frame", "sqnr_db"]
+__all__ = ["MIN_FAITHFUL_SQNR_DB", "check_export", "check_graphs", "next_frame", "sqnr_db"]
 
 #: A level is faithful when every output agrees with PyTorch to at least this SQNR. Rounding
 #: differences (a QuantizeLinear tie rounded the other way, an LSB now and then) stay far above
@@ -100,6 +100,28 @@ def check_export(out_dir: Path, manifest: Manifest, keyframe: nn.Module,
                                  **dict(zip(manifest.state_names,
                                             expected["keyframe"][-len(manifest.state):]
                                             if manifest.state else []))}
+    cases = {kind: (expected[kind], feeds[kind]) for kind in expected}
+    return {
+        "frames": "keyframe graph on example_frame; residual graph on example_frame shifted by "
+                  "one pixel along the last dim, from the keyframe's state",
+        **check_graphs(out_dir, manifest, cases),
+    }
+
+
+def check_graphs(out_dir: Path, manifest: Manifest,
+                 cases: dict[str, tuple[list[np.ndarray], dict[str, np.ndarray]]]
+                 ) -> dict[str, Any]:
+    """Run graphs of an export on given inputs and compare with what PyTorch computed.
+
+    Args:
+        out_dir: The export folder.
+        manifest: Its manifest.
+        cases: ``graph kind -> (expected outputs in the manifest's order, feeds)``.
+
+    Returns:
+        ``{"min_faithful_sqnr_db", "levels": {level: {...}}, "unfaithful": [...]}`` as in
+        :func:`check_export`; every level runs every case, the worst case is reported.
+    """
     backend = BACKEND_OF_FORMAT[manifest.format]
     levels = OPTIMIZATIONS if backend == "onnxruntime" else ("qonnx",)
     results: dict[str, Any] = {}
@@ -107,10 +129,10 @@ def check_export(out_dir: Path, manifest: Manifest, keyframe: nn.Module,
         options = {"optimization": level} if backend == "onnxruntime" else {}
         stream = OnnxStream(out_dir, backend=backend, **options)
         parts = []
-        for kind in expected:
-            names = getattr(manifest, kind).outputs
-            got = stream.run_graph(kind, feeds[kind])
-            parts.append(_compare(expected[kind], got, [f"{kind}:{n}" for n in names]))
+        for kind, (want, feed) in cases.items():
+            names = manifest.io(kind).outputs
+            got = stream.run_graph(kind, feed)
+            parts.append(_compare(want, got, [f"{kind}:{n}" for n in names]))
         worst = min(parts, key=lambda p: math.inf if p["min_sqnr_db"] is None
                     else p["min_sqnr_db"])
         entry = {**worst, "max_abs_diff": max(p["max_abs_diff"] for p in parts),
@@ -129,11 +151,9 @@ def check_export(out_dir: Path, manifest: Manifest, keyframe: nn.Module,
             f"the exported graphs in {out_dir} disagree with PyTorch on the example frame at "
             f"{detail} (below {MIN_FAITHFUL_SQNR_DB} dB output SQNR; {where}); see "
             "manifest.parity",
-            stacklevel=3,
+            stacklevel=4,
         )
     return {
-        "frames": "keyframe graph on example_frame; residual graph on example_frame shifted by "
-                  "one pixel along the last dim, from the keyframe's state",
         "min_faithful_sqnr_db": MIN_FAITHFUL_SQNR_DB,
         "levels": results,
         "unfaithful": unfaithful,

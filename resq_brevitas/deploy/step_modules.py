@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from resq_brevitas.temporal.step import Reference, ResidualMode, keyframe_step, residual_step
 
-__all__ = ["KeyframeStep", "ResidualStep", "StateSpec", "StepGraphs", "state_specs"]
+__all__ = ["FamilyFrameStep", "KeyframeStep", "ResidualStep", "StateSpec", "StepGraphs",
+           "member_path", "state_specs"]
 
 
 class KeyframeStep(nn.Module):
@@ -36,6 +37,31 @@ class KeyframeStep(nn.Module):
         return z, ref.x, ref.z
 
 
+class FamilyFrameStep(KeyframeStep):
+    """Member ``member`` of a frame family (``{W8A8,W4A4,skip}``) at one ResQ layer as a module:
+    ``x -> (z, x, z)``, ``z = q_b(x) * W_b + bias`` (:meth:`~resq_brevitas.nn.family.
+    FamilyPaths.frame_forward`; the highest member is the keyframe path itself).
+
+    A subclass of :class:`KeyframeStep`, so tracers that keep keyframe steps as leaves keep
+    this one too, and the step graph keeps the keyframe graph's layout.
+
+    Args:
+        layer: The ResQ layer (with ``layer.family``; shared, not copied).
+        member: The family's action index of the precision to run.
+        private: Return private copies of the reference (see :func:`keyframe_step`).
+    """
+
+    def __init__(self, layer: nn.Module, member: int, private: bool = False) -> None:
+        super().__init__(layer, private)
+        self.member = member
+
+    def forward(self, x: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor, Tensor]:
+        z = self.layer.family.frame_forward(self.layer, self.member, x, **kwargs)
+        if self.private:
+            return z, x.clone(), z.clone()
+        return z, x, z
+
+
 class ResidualStep(nn.Module):
     """:func:`residual_step` of one ResQ layer as a module:
     ``(x, x_ref, z_ref) -> (z, x_ref', z_ref')``.
@@ -44,19 +70,32 @@ class ResidualStep(nn.Module):
         layer: The ResQ layer (registered as the child ``layer``, shared, not copied).
         mode: The residual mode.
         private: See :func:`residual_step`.
+        member: Residual families (``W8A8->{W8A4,W4A4,skip,key}``): the action index of the
+            member whose residual path runs; ``None`` (default): ``layer.residual``.
     """
 
-    def __init__(self, layer: nn.Module, mode: ResidualMode, private: bool = False) -> None:
+    def __init__(self, layer: nn.Module, mode: ResidualMode, private: bool = False,
+                 member: int | None = None) -> None:
         super().__init__()
         self.layer = layer
         self.mode = mode
         self.private = private
+        self.member = member
 
     def forward(self, x: Tensor, x_ref: Tensor, z_ref: Tensor, **kwargs: Any
                 ) -> tuple[Tensor, Tensor, Tensor]:
-        res = residual_step(self.layer.residual, x, Reference(x_ref, z_ref), self.mode,
-                            private=self.private, **kwargs)
+        res = residual_step(member_path(self.layer, self.member), x, Reference(x_ref, z_ref),
+                            self.mode, private=self.private, **kwargs)
         return res.z, res.ref.x, res.ref.z
+
+
+def member_path(layer: nn.Module, member: int | None) -> nn.Module:
+    """The residual path of a residual family's member ``member`` at ``layer``: the layer's own
+    ``residual`` for the highest member (or ``member=None``), else the member's path."""
+    family = getattr(layer, "family", None)
+    if member is None or family is None or member in family.own:
+        return layer.residual
+    return family.path(member)
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,11 @@ import torch
 from torch import Tensor, fx, nn
 
 from resq_brevitas.deploy.step_modules import (
+    FamilyFrameStep,
     KeyframeStep,
     ResidualStep,
     StepGraphs,
+    member_path,
     state_specs,
 )
 from resq_brevitas.deploy.tracer import trace_graph
@@ -112,7 +114,21 @@ def _resq_call_sites(graph: fx.Graph, layer_names: set[str]) -> dict[str, fx.Nod
     return sites
 
 
-def step_graphs(qm: Any, example_frame: Tensor | None = None) -> StepGraphs:
+def _members(qm: ResQModel, member: int | None) -> tuple[int | None, int | None]:
+    """``(frame member, residual member)``: ``member`` on the family's side of the scheme."""
+    if member is None:
+        return None, None
+    family = qm.scheme.family or ()
+    if isinstance(member, bool) or not isinstance(member, int) or not (
+            0 <= member < len(family)) or family[member].precision is None:
+        precisions = [i for i, a in enumerate(family) if a.precision is not None]
+        raise ValueError(f"member must be the index of a precision action of scheme "
+                         f"{qm.notation} (one of {precisions}), got {member!r}")
+    return (member, None) if qm.scheme.family_side == "frame" else (None, member)
+
+
+def step_graphs(qm: Any, example_frame: Tensor | None = None, member: int | None = None
+                ) -> StepGraphs:
     """The keyframe and residual step graphs of a ResQ model (torch.fx GraphModules).
 
     The graphs share the ResQ model's layers (no copy). Each call site of a ResQ layer becomes a
@@ -128,14 +144,20 @@ def step_graphs(qm: Any, example_frame: Tensor | None = None) -> StepGraphs:
         qm: A :class:`~resq_brevitas.ResQModel`.
         example_frame: Optional ``[B, C, ...]`` frame: if a plain symbolic trace fails (Python
             checks on shapes in ``forward``), the model is traced again with that frame's shape.
+        member: Family schemes: the action index of the precision the graphs run. A frame
+            family's member replaces the keyframe path in the keyframe graph
+            (:class:`~resq_brevitas.deploy.step_modules.FamilyFrameStep`); a residual
+            family's member runs in the residual graph (the keyframe graph is the keyframe's).
+            ``None``: the layers' own paths (the highest member).
 
     Raises:
         TypeError: If ``qm`` is not a ResQModel.
         RuntimeError: If ``qm.model`` cannot be traced by torch.fx; the message says why.
-        ValueError: If a ResQ layer is called more than once or with several inputs, or a layer
-            has a pool of residual bit widths.
+        ValueError: If a ResQ layer is called more than once or with several inputs, a layer
+            has a pool of residual bit widths, or ``member`` is not a precision action.
     """
     mode = _check_model(qm)
+    frame_member, residual_member = _members(qm, member)
     source = trace_graph(qm.model, example_frame)
     order = [name for name, _ in qm.resq_layers()]
     sites = _resq_call_sites(source, set(order))
@@ -144,11 +166,13 @@ def step_graphs(qm: Any, example_frame: Tensor | None = None) -> StepGraphs:
     modules = dict(qm.model.named_modules())
     clone_state = bool(_inplace_ops(source, modules))
     key_helpers: dict[str, nn.Module] = {}
-    keyframe = _step_graph(source, layers, None, clone_state, all_layers, key_helpers)
+    keyframe = _step_graph(source, layers, None, clone_state, all_layers, key_helpers,
+                           frame_member)
     residual_module = None
     if any(all_layers[name].residual is not None for name in layers):
         helpers: dict[str, nn.Module] = {}
-        residual = _step_graph(source, layers, mode, clone_state, all_layers, helpers)
+        residual = _step_graph(source, layers, mode, clone_state, all_layers, helpers,
+                               residual_member)
         residual_module = fx.GraphModule(_graph_root(qm.model, residual, helpers), residual,
                                          "ResQResidualStep")
     return StepGraphs(
@@ -191,8 +215,9 @@ def _step_outputs(graph: fx.Graph, step: fx.Node) -> tuple[fx.Node, fx.Node, fx.
 
 def _step_graph(source: fx.Graph, layers: list[str], mode: ResidualMode | None,
                 clone_state: bool, all_layers: dict[str, nn.Module],
-                helpers: dict[str, nn.Module]) -> fx.Graph:
-    """The keyframe step graph (``mode is None``) or the residual step graph of ``source``.
+                helpers: dict[str, nn.Module], member: int | None = None) -> fx.Graph:
+    """The keyframe step graph (``mode is None``) or the residual step graph of ``source``;
+    ``member``: the family member the graph's steps run (:func:`step_graphs`).
 
     Each ResQ call site becomes one leaf: :class:`KeyframeStep` (``keyframe_step``) or
     :class:`ResidualStep` (``residual_step`` of ``mode``), both from ``temporal/step.py``, which
@@ -225,7 +250,9 @@ def _step_graph(source: fx.Graph, layers: list[str], mode: ResidualMode | None,
             name = node.target
             if mode is None or all_layers[name].residual is None:
                 target = f"{KEYFRAME_STEP_PREFIX}.{name}"
-                helpers[target] = KeyframeStep(all_layers[name], private=clone_state)
+                helpers[target] = (KeyframeStep(all_layers[name], private=clone_state)
+                                   if mode is not None or member is None else
+                                   FamilyFrameStep(all_layers[name], member, clone_state))
                 args: tuple[Any, ...] = (env[node.args[0]],)
                 if mode is not None:
                     # A frame-quantized layer keeps the state layout: its references pass through.
@@ -235,7 +262,8 @@ def _step_graph(source: fx.Graph, layers: list[str], mode: ResidualMode | None,
                     continue
             else:
                 target = f"{RESIDUAL_STEP_PREFIX}.{name}"
-                helpers[target] = ResidualStep(all_layers[name], mode, private=clone_state)
+                helpers[target] = ResidualStep(all_layers[name], mode, private=clone_state,
+                                               member=member)
                 args = (env[node.args[0]], *refs[name])
             step = graph.call_module(target, args, fx.map_arg(node.kwargs, lookup))
             z, x_next, z_next = _step_outputs(graph, step)
@@ -255,16 +283,22 @@ def _step_graph(source: fx.Graph, layers: list[str], mode: ResidualMode | None,
 # eager step modules (models torch.fx cannot trace)
 # --------------------------------------------------------------------------------------------
 class _KeyframeExecutor:
-    """Executor of the eager keyframe step: :func:`keyframe_step`, recording the state."""
+    """Executor of the eager keyframe step: :func:`keyframe_step` (or a frame family's member
+    ``member``), recording the state."""
 
-    def __init__(self, names: dict[int, str]) -> None:
+    def __init__(self, names: dict[int, str], member: int | None = None) -> None:
         self.names = names
+        self.member = member
         self.state: dict[str, Reference] = {}
 
     def forward(self, layer: ResQLayerMixin, x: Tensor, **kwargs: Any) -> Tensor:
         name = self.names[id(layer)]
         if name in self.state:
             raise RuntimeError(f"ResQ layer {name!r} was called twice in one frame")
+        if self.member is not None:
+            z = layer.family.frame_forward(layer, self.member, x, **kwargs)
+            self.state[name] = Reference(x.clone(), z.clone())
+            return z
         # Private copies: the model may write into x or z later (ReLU(inplace=True)).
         z, self.state[name] = keyframe_step(layer, x, private=True, **kwargs)
         return z
@@ -274,10 +308,11 @@ class _ResidualExecutor:
     """Executor of the eager residual step: :func:`residual_step` on the given state."""
 
     def __init__(self, names: dict[int, str], refs: dict[str, Reference],
-                 mode: ResidualMode) -> None:
+                 mode: ResidualMode, member: int | None = None) -> None:
         self.names = names
         self.refs = refs
         self.mode = mode
+        self.member = member
         self.next_refs: dict[str, Reference] = {}
 
     def forward(self, layer: ResQLayerMixin, x: Tensor, **kwargs: Any) -> Tensor:
@@ -285,19 +320,20 @@ class _ResidualExecutor:
         if layer.residual is None:  # frame quantized: keyframe path, references pass through
             self.next_refs[name] = self.refs[name]
             return keyframe_step(layer, x, **kwargs)[0]
-        res = residual_step(layer.residual, x, self.refs[name], self.mode, private=True,
-                            **kwargs)
+        res = residual_step(member_path(layer, self.member), x, self.refs[name], self.mode,
+                            private=True, **kwargs)
         self.next_refs[name] = res.ref
         return res.z
 
 
 class _EagerStep(nn.Module):
     def __init__(self, model: nn.Module, layers: list[str],
-                 all_layers: dict[str, ResQLayerMixin]) -> None:
+                 all_layers: dict[str, ResQLayerMixin], member: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.layer_names = list(layers)
         self._layers = all_layers  # a plain dict: the layers are registered under ``model``
+        self.member = member
 
     def _names(self) -> dict[int, str]:
         return {id(layer): name for name, layer in self._layers.items()}
@@ -311,7 +347,7 @@ class EagerKeyframeStep(_EagerStep):
     """``keyframe(x) -> (y, *state)`` for models torch.fx cannot trace (eager, same semantics)."""
 
     def forward(self, x: Tensor) -> tuple[Any, ...]:
-        executor = _KeyframeExecutor(self._names())
+        executor = _KeyframeExecutor(self._names(), self.member)
         y = self._run(x, executor)
         missing = [name for name in self.layer_names if name not in executor.state]
         if missing:
@@ -323,8 +359,9 @@ class EagerResidualStep(_EagerStep):
     """``residual(x, *state) -> (y, *state)`` for models torch.fx cannot trace."""
 
     def __init__(self, model: nn.Module, layers: list[str],
-                 all_layers: dict[str, ResQLayerMixin], mode: ResidualMode) -> None:
-        super().__init__(model, layers, all_layers)
+                 all_layers: dict[str, ResQLayerMixin], mode: ResidualMode,
+                 member: int | None = None) -> None:
+        super().__init__(model, layers, all_layers, member)
         self.mode = mode
 
     def forward(self, x: Tensor, *state: Tensor) -> tuple[Any, ...]:
@@ -335,18 +372,20 @@ class EagerResidualStep(_EagerStep):
             )
         refs = {name: Reference(state[2 * i], state[2 * i + 1])
                 for i, name in enumerate(self.layer_names)}
-        executor = _ResidualExecutor(self._names(), refs, self.mode)
+        executor = _ResidualExecutor(self._names(), refs, self.mode, self.member)
         y = self._run(x, executor)
         return (y, *[t for name in self.layer_names for t in executor.next_refs[name]])
 
 
-def step_modules(qm: ResQModel, example_frame: Tensor | None = None) -> StepGraphs:
+def step_modules(qm: ResQModel, example_frame: Tensor | None = None,
+                 member: int | None = None) -> StepGraphs:
     """The keyframe/residual step modules of ``qm``: torch.fx graphs when possible, else eager.
 
     Args:
         qm: A ResQ model.
         example_frame: ``[B, C, ...]``; needed for models a plain symbolic trace fails on (a
             shape-specialised trace, or the eager modules, which need to know which layers run).
+        member: Family schemes: the precision action the graphs run (:func:`step_graphs`).
 
     Returns:
         A :class:`StepGraphs` whose ``source`` says which kind was built.
@@ -356,8 +395,9 @@ def step_modules(qm: ResQModel, example_frame: Tensor | None = None) -> StepGrap
         ValueError: The example frame does not run through the model.
     """
     mode = _check_model(qm)
+    frame_member, residual_member = _members(qm, member)
     try:
-        return step_graphs(qm, example_frame)
+        return step_graphs(qm, example_frame, member)
     except RuntimeError as err:
         if example_frame is None:
             raise RuntimeError(
@@ -374,10 +414,10 @@ def step_modules(qm: ResQModel, example_frame: Tensor | None = None) -> StepGrap
             f"model: {err}"
         ) from err
     called = [name for name in layers if name in executor.state]
-    keyframe = EagerKeyframeStep(qm.model, called, layers)
+    keyframe = EagerKeyframeStep(qm.model, called, layers, frame_member)
     residual = None
     if any(layers[name].residual is not None for name in called):
-        residual = EagerResidualStep(qm.model, called, layers, mode)
+        residual = EagerResidualStep(qm.model, called, layers, mode, residual_member)
     return StepGraphs(keyframe=keyframe, residual=residual, state=state_specs(called),
                       layers=called, source="eager")
 

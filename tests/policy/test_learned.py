@@ -17,6 +17,7 @@ from resq_brevitas.policy.learned import (
     gumbel_softmax_eq6,
 )
 from resq_brevitas.temporal.actions import SCHEDULED_KEYFRAME, recognition_average
+from tests.helpers import force_policy, scramble_policy
 
 SIZE = 8
 CALIB = [torch.randn(2, 4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(s))
@@ -45,28 +46,8 @@ def _model(scheme, period=4, **kwargs):
     return qm.eval()
 
 
-def _force(qm, action: int, scale: float = 50.0) -> None:
-    """Make the policy's head pick ``action`` whatever the frame."""
-    with torch.no_grad():
-        qm.frame_policy.head.weight.zero_()
-        qm.frame_policy.head.bias.zero_()
-        qm.frame_policy.head.bias[action] = scale
-
-
-def _scramble(qm, video, seed=1) -> None:
-    """A random head on the standardised hidden states of ``video``: the frames' small
-    differences decide, so rows and frames take different actions."""
-    g = torch.Generator().manual_seed(seed)
-    policy = qm.frame_policy
-    with torch.no_grad():
-        state, hidden = None, []
-        for t in range(video.shape[1]):
-            _, state = policy(video[:, t], state)
-            hidden.append(state[0])
-        h = torch.cat(hidden)
-        weight = torch.randn(policy.head.weight.shape, generator=g) / h.std(0).clamp_min(1e-6)
-        policy.head.weight.copy_(weight)
-        policy.head.bias.copy_(-(h @ weight.T).mean(0))
+_force = force_policy
+_scramble = scramble_policy
 
 
 # ---------------------------------------------------------------- sampling and losses
