@@ -119,6 +119,8 @@ def main() -> None:
     p.add_argument("--scale-lr", type=float, default=1e-3)
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dist-steps", type=int, default=24,
+                   help="steps per process in the 1-vs-N processes timing")
     p.add_argument("--timing-only", action="store_true",
                    help="skip the PTQ/QAT accuracy table: time a calibrated W8A8->W4A4 model")
     args = p.parse_args()
@@ -137,7 +139,7 @@ def main() -> None:
     print(f"one QAT step / one batched forward (W8A8->W4A4 T=4, 8 frames 64x64): "
           f"{step_s * 1e3:.0f} ms / {forward_s * 1e3:.0f} ms = {step_s / forward_s:.2f}x")
     if args.processes > 1:
-        steps = 8
+        steps = args.dist_steps
         one = _distributed_seconds(qm, train_clips, steps * args.processes, 1)
         many = _distributed_seconds(qm, train_clips, steps, args.processes)
         print(f"{steps * args.processes} clips: 1 process {one:.2f} s, {args.processes} "
