@@ -16,8 +16,9 @@ EVAL_SEED = 9_000
 #: Frames per calibration clip. Short clips give more scenes for the same number of calibration
 #: frames: global features (the SE block's pooled vector) take one value per scene, so 4 clips of
 #: 16 frames calibrate them on 4 values per channel and clip the evaluation scenes (measured on
-#: the demo: W8A8 16.5 dB with 4 x 16 frames, 26.3 dB with 16 x 4; benchmarks/RESULTS.md
-#: section 8). Four frames still hold a keyframe and residuals at distances 1-3 (T <= 4).
+#: the shipped demo: W8A8 16.1 dB with 4 x 16 frames, 29.4 dB with 16 x 4, 29.4 / 29.5 dB with
+#: 64 / 256 x 1; benchmarks/RESULTS.md section 8). Four frames still hold a keyframe and
+#: residuals at distances 1-3 (T <= 4).
 CALIB_FRAMES = 4
 
 
