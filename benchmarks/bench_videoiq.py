@@ -79,7 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--policy-steps", type=int, default=200, help="policy stage steps")
     p.add_argument("--policy-lr", type=float, default=5e-3)
     p.add_argument("--w-efficiency", type=float, default=0.06,
-                   help="w1 of eq. 13 (w2, w3: train_policy's defaults)")
+                   help="w1 of eq. 13 (w3: train_policy's default)")
+    p.add_argument("--w-balance", type=float, default=0.1,
+                   help="w2 of eq. 13 (train_policy's default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="torch seed (Gumbel noise, random rows)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/figures"))
     p.add_argument("--no-progress", action="store_true")
@@ -255,6 +257,7 @@ def recognition(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     policy_history = train_policy(qm, clips, teacher, steps=args.policy_steps,
                                   lr=args.policy_lr, w_efficiency=args.w_efficiency,
+                                  w_balance=args.w_balance,
                                   loss_fn=policy_loss, progress=progress)
     policy_time = time.perf_counter() - t0
     learned = run(qm, test)
@@ -309,7 +312,10 @@ def recognition(args: argparse.Namespace) -> None:
                             args.out / "videoiq_fig4_precision_per_frame.png")
     plot_policy_distribution(actions, test_labels, names, ACTION_NAMES,
                              args.out / "videoiq_fig5_policy_distribution.png")
-    plot_tradeoff([r for r in rows if r["method"] != "float"], args.out /
+    short = {"learned policy": "policy", "random skip": "random skip",
+             "random policy": "random"}
+    plot_tradeoff([{**r, "label": short.get(r["method"], r["scheme"])} for r in rows
+                   if r["method"] != "float"], args.out /
                   "videoiq_accuracy_vs_bops.png", float_level=float_acc,
                   ylabel="clip accuracy (%)", title="VideoIQ on the recognition demo")
     result = {"rows": rows, "w8a8_reference": w8, "target_met": met, "gap_points": gap,

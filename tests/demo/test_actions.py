@@ -130,6 +130,7 @@ def test_model_shapes_and_clip_consensus_excludes_unkept_frames():
         clip_logits(logits, kept[:, :3])
 
 
+@pytest.mark.slow
 def test_checkpoint_is_small_packaged_and_beats_chance_on_held_out_clips():
     assert ACTION_CHECKPOINT_PATH.stat().st_size < 1_000_000
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
@@ -137,12 +138,13 @@ def test_checkpoint_is_small_packaged_and_beats_chance_on_held_out_clips():
     assert any(fnmatch.fnmatch(ACTION_CHECKPOINT_PATH.name, p) for p in patterns)
     model = load_action_model()
     # seed 5: used by neither the training script (0, 1) nor the benchmark (2, 3, 4)
-    videos, labels = action_clips(96, seed=5)
+    videos, labels = action_clips(64, seed=5)
     with torch.no_grad():
         logits = model(videos.flatten(0, 1)).unflatten(0, videos.shape[:2])
     accuracy = float((clip_logits(logits).argmax(-1) == labels).float().mean())
-    # measured 0.85+ (benchmarks/RESULTS.md section 13); chance is 1/8, and 96 clips at chance
-    # exceed 0.6 with probability < 1e-20
+    # measured 0.96 on 240 clips of seed 1 (recipes/train_recognition_demo.py) and 0.94 on 320
+    # of seed 2 (benchmarks/RESULTS.md section 13); chance is 1/8, and 64 clips at chance reach
+    # 0.6 with probability < 1e-15
     assert accuracy > 0.6, accuracy
     with pytest.raises(FileNotFoundError, match="train_recognition_demo"):
         load_action_model(ROOT / "no-such-checkpoint.pt")
