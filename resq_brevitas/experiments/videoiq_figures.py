@@ -44,11 +44,15 @@ def _action_name(names: Sequence[str], a: int) -> str:
     return "key (schedule)" if a == _SCHEDULED else names[a]
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+def _save(fig: Any, path: str | Path, dpi: int = DPI) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=dpi)
     return path
+
+
+#: Resolution of the thumbnail figure (Fig. 4): its noisy frames dominate the file size.
+_THUMB_DPI = 64
 
 
 def _check_actions(actions: Any, clips: int | None = None) -> None:
@@ -70,7 +74,7 @@ def precision_timeline_figure(videos: Any, actions: Any, action_names: Sequence[
     _check_actions(actions, n)
     if titles is not None and len(titles) != n:
         raise ValueError(f"titles must have one entry per clip ({n}), got {len(titles)}")
-    fig = new_figure((min(16.5, 1.0 * t + 0.5), 1.25 * n + 0.8))
+    fig = new_figure((min(16.5, 1.0 * t + 1.5), 1.25 * n + 0.8))
     fig.set_layout_engine("constrained")
     axes = fig.subplots(n, t, squeeze=False)
     seen: dict[str, str] = {}
@@ -82,7 +86,7 @@ def precision_timeline_figure(videos: Any, actions: Any, action_names: Sequence[
             name = _action_name(action_names, a)
             colour = _colour(name, a)
             seen[name] = colour
-            ax.imshow(image, alpha=0.35 if name == "skip" else 1.0)
+            ax.imshow(image, alpha=0.35 if name == "skip" else 1.0, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             for spine in ax.spines.values():
@@ -123,7 +127,7 @@ def plot_precision_timeline(videos: Any, actions: Any, action_names: Sequence[st
         ValueError: Mismatched shapes.
     """
     return _save(precision_timeline_figure(videos, actions, action_names, titles, mean, std),
-                 path)
+                 path, dpi=_THUMB_DPI)
 
 
 def policy_distribution_figure(actions: Any, labels: Any, action_names: Sequence[str],
