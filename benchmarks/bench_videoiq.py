@@ -78,10 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ap-lr", type=float, default=1e-4)
     p.add_argument("--policy-steps", type=int, default=200, help="policy stage steps")
     p.add_argument("--policy-lr", type=float, default=5e-3)
-    p.add_argument("--w-efficiency", type=float, default=0.06,
+    p.add_argument("--w-efficiency", type=float, default=0.035,
                    help="w1 of eq. 13 (w3: train_policy's default)")
-    p.add_argument("--w-balance", type=float, default=0.1,
-                   help="w2 of eq. 13 (train_policy's default 0.1)")
+    p.add_argument("--w-balance", type=float, default=1.0,
+                   help="w2 of eq. 13 (train_policy's default is 0.1)")
     p.add_argument("--seed", type=int, default=0, help="torch seed (Gumbel noise, random rows)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/figures"))
     p.add_argument("--no-progress", action="store_true")
