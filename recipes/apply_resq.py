@@ -35,6 +35,12 @@ depends on the model)::
     python recipes/apply_resq.py --scheme "W8A8->W8A4" --scheme "W8A8->W8A{0,4,8}" \\
         --target-bops 0.3 0.5 0.7 --period 4 --out out/
 
+VideoIQ's learned per-frame policy on ResQ residuals (``W8A8->{W8A4,W4A4,W2A2,skip,key}``, issue
+10; the policy network is trained on the demo, about 3 extra minutes, so it is not in the default
+run; the recognition demo's VideoIQ rows are ``benchmarks/bench_videoiq.py``)::
+
+    python recipes/apply_resq.py --policy
+
 Deployment artifacts (``pip install resq-brevitas[export]``)::
 
     python recipes/apply_resq.py --export qonnx qcdq fx
@@ -76,6 +82,10 @@ VARIANT_LEGEND = ("auto: act_signedness=\"auto\" (unsigned keyframe quantizers w
 #: summary: mIoU points, or dB when there is no mIoU.
 SUMMARY_TOLERANCE = 1.0
 DEMO_EVAL_CLIPS = 6
+#: The learned residual policy of --policy (VideoIQ's per-frame policy on ResQ residuals) and its
+#: keyframe period: the schedule keys only each clip's first frame, the policy places the others.
+POLICY_SCHEME = "W8A8->{W8A4,W4A4,W2A2,skip,key}"
+POLICY_PERIOD = 16
 #: The operating point of pool schemes when neither --tau nor --target-bops is given.
 DEFAULT_TARGET_BOPS = 0.5
 #: Modules each --export format imports (the deploy package itself imports onnx).
@@ -215,6 +225,13 @@ def build_parser() -> OneLineParser:
                    help="QAT learning rate of the weights")
     p.add_argument("--scale-lr", type=real_at_least(0.0, strict=True), default=1e-3,
                    help="QAT learning rate of the activation thresholds")
+    p.add_argument("--policy", action="store_true",
+                   help="demo only: also the learned residual policy row (VideoIQ, issue 10), "
+                        f"'{POLICY_SCHEME}' T={POLICY_PERIOD}: its policy network trained for "
+                        "--policy-steps steps (label-free distillation) on demo clips with a "
+                        "frozen stretch and a scene cut (about 3 minutes on one thread)")
+    p.add_argument("--policy-steps", type=int_at_least(1), default=50,
+                   help="policy-stage steps of --policy (one 16-frame clip per step)")
     p.add_argument("--analyze", metavar="SCHEME", nargs="?", const="W8A8",
                    help="also analyse SCHEME (default W8A8; T = the first --period) per layer: "
                         "sensitivities, ranges, Fig. 2 -> <out>/analysis.{json,csv,png}")
@@ -311,6 +328,9 @@ def check_options(parser: OneLineParser, argv: list[str] | None) -> argparse.Nam
         check_paths(args)
         check_extras(args)
         check_schemes(args)
+        if args.policy and (args.model or args.clips):
+            raise UsageError("--policy", "trains on the demo's event clips: use it without "
+                                         "--model and --clips")
     except UsageError as err:
         parser.error(str(err))
     return args
@@ -754,7 +774,8 @@ def run(args: argparse.Namespace, model: Any, clips: Clips) -> int:
     variants = variant_configs(args, model)
     progress = not args.no_progress
     printer = None if progress else RowPrinter(
-        1 + len(configs) * (2 if args.qat_steps else 1) + len(dynamic) + len(variants))
+        1 + len(configs) * (2 if args.qat_steps else 1) + len(dynamic) + len(variants)
+        + int(args.policy))
     first = clips.evaluation[0]
     print(f"model: {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} "
           f"params); {len(clips.evaluation)} evaluation clips of {first.shape[0]} frames "
@@ -792,6 +813,8 @@ def run(args: argparse.Namespace, model: Any, clips: Clips) -> int:
         for row in rows[-len(extra):]:
             if printer is not None:
                 printer(row)
+    if args.policy:
+        rows += policy_rows(model, clips, args, printer)
     if not is_primary():  # under torchrun: every rank computed the rows, rank 0 reports
         return 0
     print()
@@ -848,6 +871,38 @@ def qat_rows(model: Any, configs: list[Any], clips: Clips, args: argparse.Namesp
                            clips.num_classes, progress=not args.no_progress,
                            include_float=False, prepare=trained, on_row=label)
     return rows
+
+
+def policy_rows(model: Any, clips: Clips, args: argparse.Namespace, printer: Any) -> list[Any]:
+    """The learned residual policy row (method ``videoiq``): calibrated like the others, then
+    its policy network trained by ``train_policy`` (the backbone frozen) on 16 demo clips with
+    a frozen stretch and a scene cut (``resq_brevitas.demo.clips.event_clips``)."""
+    import copy
+
+    from resq_brevitas.config import LearnedFramePolicy, LineSearch, ResQConfig
+    from resq_brevitas.demo.clips import event_clips
+    from resq_brevitas.experiments.evaluation import compare_configs
+    from resq_brevitas.policy.videoiq_training import train_policy
+
+    training = event_clips(16, seed=20_000)
+
+    def trained(config: Any, qm: Any) -> Any:
+        qm = copy.deepcopy(qm)
+        train_policy(qm, training, model, steps=args.policy_steps, lr=5e-3, w_efficiency=0.05,
+                     progress=not args.no_progress)
+        return qm
+
+    def label(row: Any) -> None:
+        row.method = "videoiq"
+        if printer is not None:
+            printer(row)
+
+    config = ResQConfig(scheme=POLICY_SCHEME, period=POLICY_PERIOD, policy=LearnedFramePolicy(),
+                        calibration=LineSearch(candidates=args.candidates,
+                                               samples=args.calib_samples))
+    return compare_configs(model, [config], clips.calib, clips.evaluation, clips.labels,
+                           clips.num_classes, progress=not args.no_progress,
+                           include_float=False, prepare=trained, on_row=label)
 
 
 def is_primary() -> bool:

@@ -19,7 +19,6 @@ seeds are disjoint from the training ones.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import sys
 import time
@@ -32,6 +31,7 @@ from tqdm import tqdm
 
 from resq_brevitas.demo.model import FRAME_SIZE, NUM_CLASSES, DemoSegNet
 from resq_brevitas.demo.synthetic import SyntheticVideoDataset
+from resq_brevitas.demo.training import adamw_decay_groups, warmup_cosine
 from resq_brevitas.experiments.metrics import miou
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "resq_brevitas" / "demo" / "segnet.pt"
@@ -146,22 +146,9 @@ def train(args: argparse.Namespace) -> tuple[DemoSegNet, float]:
         args.train_clips, args.clip_frames, args.frames_per_clip, args.seed
     )
     model = DemoSegNet(num_classes=NUM_CLASSES)
-    # Decay weights and BN scales but not biases/BN shifts, the usual recipe; it keeps
-    # channels from growing scales that BN folding then turns into outlier weights.
-    decay = [p for n, p in model.named_parameters() if not n.endswith("bias")]
-    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias")]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    warmup = max(1, args.steps // 20)
-
-    def lr_factor(step: int) -> float:
-        # Short linear warm-up, then cosine decay to ~0: robust for Adam on small nets.
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    optimizer = adamw_decay_groups(model, args.lr, args.weight_decay)
+    # Short linear warm-up, then cosine decay to ~0: robust for Adam on small nets.
+    scheduler = warmup_cosine(optimizer, args.steps)
     gen = torch.Generator().manual_seed(args.seed)
     # Background covers most pixels but mIoU weighs every class equally; down-weighting it
     # spends the loss on telling the shapes apart.

@@ -172,7 +172,12 @@ def _shape_sdf(kind: int, u: Tensor, v: Tensor, radius: float, aspect: float) ->
         return outside + torch.maximum(qx, qy).clamp_max(0)
     # Equilateral triangle with circumradius ``radius * 1.25`` so its area is comparable to
     # the other shapes; the inradius of an equilateral triangle is half its circumradius.
-    inradius = radius * 1.25 / 2.0
+    return triangle_sdf(u, v, radius * 1.25 / 2.0)
+
+
+def triangle_sdf(u: Tensor, v: Tensor, inradius: Any) -> Tensor:
+    """Signed distance (pixels, negative inside) to an upright equilateral triangle centred at
+    the local origin, as the max over its three edge half-planes."""
     dist = None
     for k in range(3):
         angle = math.pi / 2 + 2.0 * math.pi * k / 3.0

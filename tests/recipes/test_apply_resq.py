@@ -126,6 +126,8 @@ def test_missing_modules_imports_each_name(tmp_path, monkeypatch) -> None:
      "--calib-clips", "2 leaves none of the 2 clips to evaluate"),
     (["--clips", "tests.recipes.test_apply_resq:labelled_clips", "--size", "32"], "--size",
      "a loader factory returns clips at its own size"),
+    (["--policy", "--clips", "tests.recipes.test_apply_resq:labelled_clips"], "--policy",
+     "use it without --model and --clips"),
 ])
 def test_options_checked_before_the_work(capsys, argv, option, says) -> None:
     with pytest.raises(SystemExit) as exit_info:
