@@ -8,7 +8,7 @@ side by side in this process); and, with
 ``--processes 2``, the time of the same number of steps on 2 gloo processes (each on its half of
 the clips) relative to one.
 
-    PYTHONPATH=. python benchmarks/bench_qat.py --steps 200 [--timing-only] [--threads 1]
+    PYTHONPATH=. python benchmarks/bench_qat.py [--steps 400] [--timing-only] [--threads 1]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import resq_brevitas as resq
-from resq_brevitas.demo.clips import CALIB_SEED, demo_clips
+from resq_brevitas.demo.clips import CALIB_SEED, EVAL_SEED, demo_clips
 from resq_brevitas.demo.model import NUM_CLASSES, load_demo_model
 from resq_brevitas.demo.synthetic import make_clip
 from resq_brevitas.experiments.evaluation import compare_configs, format_table
@@ -62,7 +62,7 @@ def _worker(rank: int, world: int, port: int, path: str, clips: list, steps: int
     qm = torch.load(path, weights_only=False)
     dist.barrier()
     start = time.perf_counter()
-    resq.train_qat(qm, clips, steps=steps, lr=1e-4, scale_lr=1e-3, progress=False)
+    resq.train_qat(qm, clips, steps=steps, lr=1e-4, scale_lr=1e-2, progress=False)
     dist.barrier()
     if rank == 0:
         out["seconds"] = time.perf_counter() - start
@@ -114,23 +114,29 @@ def _accuracy_table(model: torch.nn.Module, configs: list, calib: list, clips: l
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--scale-lr", type=float, default=1e-3)
+    p.add_argument("--scale-lr", type=float, default=1e-2)
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--train-clips", type=int, default=64,
+                   help="8-frame training clips, seeds CALIB_SEED.. (the first ones are the "
+                        "calibration scenes)")
     p.add_argument("--dist-steps", type=int, default=24,
                    help="steps per process in the 1-vs-N processes timing")
     p.add_argument("--timing-only", action="store_true",
                    help="skip the PTQ/QAT accuracy table: time a calibrated W8A8->W4A4 model")
     args = p.parse_args()
+    if not 1 <= args.train_clips < EVAL_SEED - CALIB_SEED:
+        p.error(f"--train-clips must be in 1..{EVAL_SEED - CALIB_SEED - 1} (seeds below the "
+                f"evaluation clips'), got {args.train_clips}")
     torch.set_num_threads(args.threads)
     model = load_demo_model()
     calib, clips, labels = demo_clips(64, 6, 16, 64)
     configs = [resq.ResQConfig(scheme=s, period=t) for s, t in SCHEMES]
     # 8-frame clips (two periods of T = 4) from the calibration seeds: label-free QAT trains on
     # calibration-like data, never on the evaluation clips.
-    train_clips = [make_clip(CALIB_SEED + i, frames=8)[0][None] for i in range(len(calib))]
+    train_clips = [make_clip(CALIB_SEED + i, frames=8)[0][None] for i in range(args.train_clips)]
     if args.timing_only:
         qm = resq.calibrate(resq.convert(model, configs[0]), calib, progress=False)
     else:

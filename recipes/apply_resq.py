@@ -223,7 +223,7 @@ def build_parser() -> OneLineParser:
                         "(method '<method>+qat'); works under torchrun --nproc_per_node N")
     p.add_argument("--lr", type=real_at_least(0.0, strict=True), default=1e-4,
                    help="QAT learning rate of the weights")
-    p.add_argument("--scale-lr", type=real_at_least(0.0, strict=True), default=1e-3,
+    p.add_argument("--scale-lr", type=real_at_least(0.0, strict=True), default=1e-2,
                    help="QAT learning rate of the activation thresholds")
     p.add_argument("--policy", action="store_true",
                    help="demo only: also the learned residual policy row (VideoIQ, issue 10), "
