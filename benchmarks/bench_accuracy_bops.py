@@ -4,7 +4,9 @@ Families (all on the embedded demo's evaluation clips, mIoU against ground truth
 
 - frame quantization W8A8, W6A6, W5A5, W4A4;
 - ResQ ``W8A8->W8A4`` at T = 2, 3, 4, 5;
-- Dynamic-ResQ ``W8A8->W8A{0,4,8}`` at T = 4 over a tau sweep (BOPs include the policy);
+- Dynamic-ResQ ``W8A8->W8A{0,4,8}`` at T = 4 over a sweep of BOPs targets (eq. 11's tau solved
+  on the calibration clips for each, ``ErrorBoundPolicy(target_bops=...)``; BOPs include the
+  policy), or of raw tau values with ``--taus``;
 - RRM (``reference="previous"``, ``W8A8->W8A8``, one keyframe per clip) over a threshold sweep,
   plotted at the BOPs of zero-skipping execution (residual rows times their density).
 
@@ -33,7 +35,11 @@ from resq_brevitas.experiments.figures import plot_accuracy_vs_bops
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--taus", type=float, nargs="+", default=[0.0, 0.3, 1.0, 2.0, 3.0, 5.0, 10.0])
+    p.add_argument("--target-bops", type=float, nargs="+",
+                   default=[0.9, 0.75, 0.6, 0.5, 0.4, 0.3],
+                   help="Dynamic-ResQ operating points, as shares of W8A8's BOPs")
+    p.add_argument("--taus", type=float, nargs="+",
+                   help="raw tau values instead of --target-bops (their BOPs depend on the model)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.01, 0.03, 0.1, 0.3])
     p.add_argument("--eval-clips", type=int, default=6)
     p.add_argument("--frames", type=int, default=16)
@@ -53,8 +59,10 @@ def main() -> None:
     configs = [resq.ResQConfig(s, period=1, calibration=cal)
                for s in ("W8A8", "W6A6", "W5A5", "W4A4")]
     configs += [resq.ResQConfig("W8A8->W8A4", period=t, calibration=cal) for t in (2, 3, 4, 5)]
-    configs += [resq.ResQConfig("W8A8->W8A{0,4,8}", period=4, calibration=cal,
-                                policy=resq.ErrorBoundPolicy(tau=tau)) for tau in args.taus]
+    policies = ([resq.ErrorBoundPolicy(tau=tau) for tau in args.taus] if args.taus else
+                [resq.ErrorBoundPolicy(target_bops=b) for b in args.target_bops])
+    configs += [resq.ResQConfig("W8A8->W8A{0,4,8}", period=4, calibration=cal, policy=policy)
+                for policy in policies]
     configs += [resq.ResQConfig("W8A8->W8A8", period=args.frames, calibration=cal,
                                 reference="previous", threshold=eps)
                 for eps in args.thresholds]

@@ -5,7 +5,7 @@
 - Fig. 6: Dynamic-ResQ ``W8A8->W8A{0,4,8}`` (T=4, ``--tau``) per-pixel bits for every 2-D layer
   over one evaluation clip.
 
-    python benchmarks/plot_figures.py [--tau 5] [--out benchmarks/figures]
+    python benchmarks/plot_figures.py [--tau 1.47] [--out benchmarks/figures]
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from resq_brevitas.experiments.figures import plot_bit_maps, plot_layer_statisti
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tau", type=float, default=5.0)
+    p.add_argument("--tau", type=float, default=1.47,
+                   help="eq. 11 tau (1.47: about 0.5x W8A8 BOPs on the demo, RESULTS.md 6)")
     p.add_argument("--period", type=int, default=4)
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--size", type=int, default=64)
