@@ -276,7 +276,14 @@ class ErrorBudgetTrigger(nn.Module):
                 "or clips static); the fitted polynomial is zero and the refresh never fires",
                 stacklevel=3,
             )
-        self.coefficients = fit_error_polynomial(energy, error, self.settings.degree)
+        coefficients = fit_error_polynomial(energy, error, self.settings.degree)
+        if distributed_initialized():
+            # The same pairs on every rank still fit to different last bits (multi-threaded
+            # float reductions in the solve): rank 0's fit is the one every rank uses.
+            shared = [coefficients]
+            dist.broadcast_object_list(shared, src=0)
+            coefficients = tuple(shared[0])
+        self.coefficients = coefficients
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"coefficients": self.coefficients}
