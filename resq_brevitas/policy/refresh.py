@@ -263,9 +263,11 @@ class ErrorBudgetTrigger(nn.Module):
             qm.reset()
         energy = torch.cat(energies) if energies else torch.zeros(0, dtype=torch.float64)
         error = torch.cat(errors) if errors else torch.zeros(0, dtype=torch.float64)
-        if distributed_initialized():
-            # Every rank fits on every rank's pairs, so the polynomial is the same everywhere
-            # (each rank fitting its own would give each its own refresh decisions).
+        distributed = distributed_initialized()
+        if distributed:
+            # One polynomial for all ranks, fitted on every rank's pairs (each rank fitting its
+            # own would give each its own refresh decisions); every rank sees all the pairs so
+            # the warning below is the same everywhere.
             gathered: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, (energy, error))
             energy = torch.cat([pair[0] for pair in gathered])
@@ -276,13 +278,15 @@ class ErrorBudgetTrigger(nn.Module):
                 "or clips static); the fitted polynomial is zero and the refresh never fires",
                 stacklevel=3,
             )
-        coefficients = fit_error_polynomial(energy, error, self.settings.degree)
-        if distributed_initialized():
-            # The same pairs on every rank still fit to different last bits (multi-threaded
-            # float reductions in the solve): rank 0's fit is the one every rank uses.
-            shared = [coefficients]
+        if distributed:
+            # Rank 0 fits and broadcasts: the same pairs fitted on two ranks differ in the last
+            # bits (multi-threaded float reductions in the solve).
+            shared = [fit_error_polynomial(energy, error, self.settings.degree)
+                      if dist.get_rank() == 0 else None]
             dist.broadcast_object_list(shared, src=0)
             coefficients = tuple(shared[0])
+        else:
+            coefficients = fit_error_polynomial(energy, error, self.settings.degree)
         self.coefficients = coefficients
 
     def get_extra_state(self) -> dict[str, Any]:
