@@ -54,7 +54,7 @@ def _time_step(qm: resq.ResQModel, clip: torch.Tensor, repeats: int = 5) -> tupl
 
 
 def _worker(rank: int, world: int, port: int, path: str, clips: list, steps: int,
-            out: dict) -> None:
+            rates: tuple[float, float], out: dict) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world,
@@ -62,14 +62,15 @@ def _worker(rank: int, world: int, port: int, path: str, clips: list, steps: int
     qm = torch.load(path, weights_only=False)
     dist.barrier()
     start = time.perf_counter()
-    resq.train_qat(qm, clips, steps=steps, lr=1e-4, scale_lr=1e-2, progress=False)
+    resq.train_qat(qm, clips, steps=steps, lr=rates[0], scale_lr=rates[1], progress=False)
     dist.barrier()
     if rank == 0:
         out["seconds"] = time.perf_counter() - start
     dist.destroy_process_group()
 
 
-def _distributed_seconds(qm: resq.ResQModel, clips: list, steps: int, world: int) -> float:
+def _distributed_seconds(qm: resq.ResQModel, clips: list, steps: int, world: int,
+                         rates: tuple[float, float]) -> float:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -80,7 +81,8 @@ def _distributed_seconds(qm: resq.ResQModel, clips: list, steps: int, world: int
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "qm.pt")
         torch.save(qm, path)
-        mp.spawn(_worker, args=(world, port, path, clips, steps, out), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, port, path, clips, steps, rates, out), nprocs=world,
+                 join=True)
     return float(out["seconds"])
 
 
@@ -146,8 +148,9 @@ def main() -> None:
           f"{step_s * 1e3:.0f} ms / {forward_s * 1e3:.0f} ms = {step_s / forward_s:.2f}x")
     if args.processes > 1:
         steps = args.dist_steps
-        one = _distributed_seconds(qm, train_clips, steps * args.processes, 1)
-        many = _distributed_seconds(qm, train_clips, steps, args.processes)
+        rates = (args.lr, args.scale_lr)
+        one = _distributed_seconds(qm, train_clips, steps * args.processes, 1, rates)
+        many = _distributed_seconds(qm, train_clips, steps, args.processes, rates)
         print(f"{steps * args.processes} clips: 1 process {one:.2f} s, {args.processes} "
               f"processes ({steps} steps each) {many:.2f} s: speedup {one / many:.2f}x")
 
