@@ -199,13 +199,16 @@ def test_frame_family_manifest_lists_actions_graphs_and_policy_state(frame_famil
     policy = manifest.policy
     assert (policy.side, policy.skip_index, policy.key_index, policy.top_index) == (
         "frame", 3, None, 0)
+    # The default inputs ("frame", "difference") carry the previous downsampled frame too.
     assert [(e.name, e.shape) for e in policy.state] == [("policy.h", [3, 8]),
-                                                         ("policy.c", [3, 8])]
+                                                         ("policy.c", [3, 8]),
+                                                         ("policy.previous", [3, 3, 8, 8])]
     assert manifest.state == []  # frame-family graphs carry no ResQ state
     session = ort.InferenceSession(str(frame_dir / "policy.onnx"))
-    assert [i.name for i in session.get_inputs()] == ["frame", "policy.h", "policy.c"]
+    assert [i.name for i in session.get_inputs()] == ["frame", "policy.h", "policy.c",
+                                                      "policy.previous"]
     assert [o.name for o in session.get_outputs()] == ["logits", "policy.h_out",
-                                                       "policy.c_out"]
+                                                       "policy.c_out", "policy.previous_out"]
     assert manifest.parity["levels"]["faithful"]["faithful"]
     # Each lower member's graph stores its own float copy of the truncated weight (exactly the
     # PyTorch view); the keyframe graph keeps integer weights.
