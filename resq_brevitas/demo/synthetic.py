@@ -12,6 +12,10 @@ statistics temporal residual quantization relies on in real video:
   displacements; objects also rotate slowly.
 - **Lighting changes**: a slowly varying global gain with a slight colour drift, and a shading
   gradient across each object.
+- **Figure and ground differ**: each object's base colour is at least
+  :data:`MIN_COLOUR_DISTANCE` (RGB, pixel units) from the background's mean colour, as
+  foreground objects usually are; without it the network had to tell figure from ground by
+  texture statistics alone, a function of local texture energy that any noise perturbs.
 - **Occlusion**: objects overlap in depth order, and some clips have a textured foreground bar
   (labelled background, like a pole or a branch) crossing the scene.
 
@@ -50,6 +54,11 @@ MEAN: float = 0.5
 STD: float = 0.25
 #: Number of classes the generator knows how to draw: background, disc, rectangle, triangle.
 NUM_SHAPE_CLASSES: int = 4
+
+#: Least RGB distance (pixel units) of an object's base colour from the background's mean.
+MIN_COLOUR_DISTANCE: float = 0.3
+#: Redraws of an object's base colour before the last draw is kept whatever its distance.
+_COLOUR_DRAWS = 50
 
 _SENSOR_NOISE_STD = 0.008
 #: Standard deviation (pixels) of the camera's Gaussian point-spread function.
@@ -124,6 +133,17 @@ def _colour_texture(gen: torch.Generator, n: int, base_lo: float, base_hi: float
     # Chroma varies more smoothly than luminance, as in natural scenes.
     chroma = pink_noise(gen, 3, n, exponent + 0.5)
     return base + contrast * (0.8 * luminance + 0.35 * chroma)
+
+
+def _object_colour(gen: torch.Generator, background_colour: Tensor) -> Tensor:
+    """An object's base colour in ``[0.1, 0.9]^3``, redrawn until it is at least
+    :data:`MIN_COLOUR_DISTANCE` from ``background_colour`` (at most ``_COLOUR_DRAWS`` draws)."""
+    base = _uniform(gen, 0.1, 0.9, 3)
+    for _ in range(_COLOUR_DRAWS):
+        if float((base - background_colour).norm()) >= MIN_COLOUR_DISTANCE:
+            break
+        base = _uniform(gen, 0.1, 0.9, 3)
+    return base
 
 
 def _sample_periodic(tex: Tensor, x: Tensor, y: Tensor) -> Tensor:
@@ -237,6 +257,7 @@ def make_clip(
     background = _colour_texture(gen, 2 * size, 0.25, 0.75, float(_uniform(gen, 0.06, 0.12)))
     pan = _uniform(gen, -_MAX_PAN, _MAX_PAN, 2) * size
     jitter = torch.cumsum(0.02 * size / 64 * torch.randn(2, frames, generator=gen), dim=1)
+    background_colour = background.mean(dim=(1, 2))
     video = _shifted_crops(background, pan[0] * t + jitter[0], pan[1] * t + jitter[1], size)
     labels = torch.zeros(frames, size, size, dtype=torch.int64)
 
@@ -261,8 +282,10 @@ def make_clip(
         alpha = (0.5 - sdf).clamp(0.0, 1.0).unsqueeze(1)
         # Objects are more saturated and higher-contrast than the background, like typical
         # foreground objects; their textures move rigidly with them.
+        contrast = float(_uniform(gen, 0.08, 0.16))
+        base = _object_colour(gen, background_colour)
         texture = _sample_periodic(
-            _colour_texture(gen, size, 0.1, 0.9, float(_uniform(gen, 0.08, 0.16))),
+            _colour_texture(gen, size, 0.0, 0.0, contrast) + base.view(3, 1, 1),
             u + size / 2, v + size / 2)
         light = _uniform(gen, -0.25, 0.25, 2)
         shading = 1.0 + (light[0] * u + light[1] * v).unsqueeze(1) / radius

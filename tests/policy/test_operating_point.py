@@ -61,14 +61,22 @@ def demo_model() -> torch.nn.Module:
 
 
 def test_target_bops_lands_within_5_percent_on_held_out_demo_clips(demo_model) -> None:
-    # Clips differ in how much moves (one to three objects): per clip the share varies by about
-    # 15%, so 128 clips on each side keep the calibration/held-out difference near 2%.
+    # Clips differ in how much moves (one to three objects): per clip the share varies by
+    # 10-15%, so two sets of 128 clips differ by about 1.5% (one standard error) from sampling
+    # alone. The held-out share must be the target within the solver's tolerance plus three
+    # standard errors of that difference, measured here from 16 groups of 8 held-out clips.
     calib, held_out = _clips(CALIB_SEED, 128), _clips(EVAL_SEED, 128)
     qm = _calibrated(demo_model, resq.ErrorBoundPolicy(target_bops=0.5), calib)
     policy = _policy(qm)
     assert policy.tau is not None and 0 < policy.tau < math.inf
     assert abs(policy.operating_point.bops_share / 0.5 - 1) <= TARGET_TOLERANCE
-    assert _w8a8_share(qm, demo_model, held_out) == pytest.approx(0.5, rel=0.05)
+    groups = torch.tensor([_w8a8_share(qm, demo_model, held_out[i:i + 8])
+                           for i in range(0, held_out.shape[0], 8)])
+    standard_error = float(groups.std()) / math.sqrt(groups.numel())
+    # both sets are samples of the same distribution: the difference's error is sqrt(2) times
+    sampling = 3 * math.sqrt(2) * standard_error
+    assert abs(float(groups.mean()) - 0.5) <= 0.5 * TARGET_TOLERANCE + sampling, (
+        float(groups.mean()), standard_error)
     # what runs is eq. 11 at the solved tau: the raw-tau policy gives the same outputs
     with torch.no_grad():
         solved = qm(held_out[:8])
