@@ -584,10 +584,17 @@ class LearnedFramePolicy:
     - ``"mean_abs_difference"``: the mean of ``|difference|`` over channels and positions, one
       scalar fed to the LSTM next to the pooled features (needs the same state).
 
-    The default, ``("frame", "difference")``, is what made the policy on the segmentation demo
-    skip frozen frames and key after scene cuts (``benchmarks/RESULTS.md`` section 13); with
-    ``("frame",)`` alone it learned one action for every frame. A config saved with version 1
-    of :meth:`ResQConfig.to_dict` (before this field) reads back as ``("frame",)``.
+    Measured on the segmentation demo (``benchmarks/RESULTS.md`` section 13, one run each, 50-150
+    policy steps): with the frame among the inputs (``("frame",)`` on earlier checkpoints, the
+    default ``("frame", "difference")`` and all three on the current one) the policy collapsed
+    to one action for every frame after the first (all skip, all W8A4 or all key, depending on
+    ``w1``); only ``("difference", "mean_abs_difference")`` skipped the frozen frames and keyed
+    at the cut (4/4 event clips), by learning "skip unless the scene changes", which also skips
+    nearly every frame of ordinary moving clips (0.08x W8A8's BOPs, far below static ResQ's
+    quality).
+    The default ``("frame", "difference")`` is kept as the general-purpose choice; the
+    measurements do not show it is better than ``("frame",)``. A config saved with version 1 of
+    :meth:`ResQConfig.to_dict` (before this field) reads back as ``("frame",)``.
 
     Attributes:
         in_channels: Channels of the frames ``[B, C, H, W]``.

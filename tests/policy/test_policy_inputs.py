@@ -280,3 +280,15 @@ def test_inputs_round_trip_and_a_version_1_config_reads_as_frame_only():
     del old["policy"]["inputs"]
     assert ResQConfig.from_dict(old).policy.inputs == ("frame",)
     assert resq.LearnedFramePolicy().inputs == ("frame", "difference")
+
+
+def test_version_1_without_a_learned_policy_reads_unchanged_and_unknown_versions_fail():
+    cfg = ResQConfig(scheme="W8A8->W8A{0,4,8}", period=4, policy=resq.ErrorBoundPolicy(tau=0.1))
+    data = cfg.to_dict()
+    assert data["version"] == 2
+    old = {**data, "version": 1}
+    assert ResQConfig.from_dict(old) == cfg
+    assert "inputs" not in ResQConfig.from_dict(old).to_dict()["policy"]
+    for version in (0, 3, None):
+        with pytest.raises(ValueError, match=r"config version .*reads versions \(1, 2\)"):
+            ResQConfig.from_dict({**data, "version": version})
