@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import resq_brevitas as resq
+from resq_brevitas.config import POLICY_INPUTS
 from resq_brevitas.demo.action_model import clip_logits, load_action_model
 from resq_brevitas.demo.actions import ACTION_NAMES, action_clips, make_action_clip
 from resq_brevitas.experiments.videoiq_figures import (
@@ -61,8 +62,10 @@ from videoiq_segmentation import print_segmentation, run_segmentation  # noqa: E
 
 FAMILY = "{W8A8,W4A4,W2A2,skip}"
 UNIFORM = ("W8A8", "W4A4", "W2A2")
-#: The policy network: 8x8 input, one conv of 4 channels, 16 LSTM units (~1.5% of W8A8's BOPs).
-POLICY = resq.LearnedFramePolicy(input_size=8, channels=(4,), hidden=16)
+#: The policy network: 8x8 input, one conv of 4 channels, 16 LSTM units (~1.5% of W8A8's BOPs),
+#: shown the frame only: the recognition rows of benchmarks/RESULTS.md section 13 were measured
+#: with it before ``inputs`` existed (the frame difference was not measured on this demo).
+POLICY = resq.LearnedFramePolicy(input_size=8, channels=(4,), hidden=16, inputs=("frame",))
 TEST_SEED, CALIB_SEED, TRAIN_SEED = 2, 3, 4
 
 
@@ -87,10 +90,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--part", choices=("all", "recognition", "segmentation"), default="all",
                    help="which demo to run")
-    p.add_argument("--seg-steps", type=int, default=50,
+    p.add_argument("--seg-steps", type=int, default=150,
                    help="policy steps on the segmentation demo (1 event clip per step)")
-    p.add_argument("--seg-w-efficiency", type=float, default=0.05,
+    p.add_argument("--seg-w-efficiency", type=float, default=0.02,
                    help="w1 of eq. 13 on the segmentation demo")
+    p.add_argument("--seg-inputs", nargs="+", default=None, choices=POLICY_INPUTS,
+                   help="the segmentation policy's LearnedFramePolicy.inputs (default: "
+                        "difference mean_abs_difference)")
     args = p.parse_args(argv)
     for name in ("threads", "test_clips", "calib_clips", "train_clips", "batch", "ap_steps",
                  "policy_steps", "seg_steps"):
@@ -188,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
 def segmentation(args: argparse.Namespace) -> None:
     """The segmentation demo's rows (benchmarks/videoiq_segmentation.py)."""
     result = run_segmentation(steps=args.seg_steps, w_efficiency=args.seg_w_efficiency,
-                              progress=not args.no_progress, threads=args.threads)
+                              inputs=args.seg_inputs, progress=not args.no_progress,
+                              threads=args.threads)
     print_segmentation(result)
     names = result["action_names"]
     plot_precision_timeline(result["event_videos"], result["event_actions"], names,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -28,7 +29,11 @@ SEG_FAMILY = "W8A8->{W8A4,W4A4,W2A2,skip,key}"
 #: Keyframes the schedule forces: only each clip's first frame (T = 16); the policy's ``key``
 #: action places the others.
 SEG_PERIOD = 16
-SEG_POLICY = resq.LearnedFramePolicy(input_size=16, channels=(8, 16), hidden=32)
+#: Shown the difference to the previous frame and its mean |.|, not the frame: of the five runs
+#: in benchmarks/RESULTS.md section 13, the only one that keyed after the cuts (the inputs with
+#: the frame collapsed to one action for every frame).
+SEG_POLICY = resq.LearnedFramePolicy(input_size=16, channels=(8, 16), hidden=32,
+                                     inputs=("difference", "mean_abs_difference"))
 TRAIN_SEED, EVENT_SEED = 20_000, 30_000
 
 
@@ -53,10 +58,15 @@ def _evaluate(qm: Any, videos: list[Tensor], labels: list[Tensor], teacher: Any
             "mean_bops": sum(bops) / len(bops)}
 
 
-def run_segmentation(steps: int = 50, lr: float = 5e-3, w_efficiency: float = 0.05,
+def run_segmentation(steps: int = 150, lr: float = 5e-3, w_efficiency: float = 0.02,
                      train_clips: int = 16, batch: int = 1, progress: bool = True,
-                     threads: int = 1) -> dict[str, Any]:
-    """Train the learned residual policy and measure every row; returns rows and events."""
+                     threads: int = 1, inputs: tuple[str, ...] | None = None
+                     ) -> dict[str, Any]:
+    """Train the learned residual policy and measure every row; returns rows and events.
+
+    ``inputs``: the policy's :attr:`~resq_brevitas.LearnedFramePolicy.inputs` (``None``: those
+    of :data:`SEG_POLICY`).
+    """
     torch.set_num_threads(threads)
     teacher = load_demo_model()
     calib, videos, labels = demo_clips()
@@ -76,8 +86,9 @@ def run_segmentation(steps: int = 50, lr: float = 5e-3, w_efficiency: float = 0.
         policy=resq.ErrorBoundPolicy(target_bops=share)), teacher, calib, progress)
     rows.append({"method": "dynamic", "scheme": f"W8A8->W8A{{0,4,8}} @{share:.3g}x",
                  "period": 4, **_evaluate(dynamic, videos, labels, teacher)})
+    policy = SEG_POLICY if inputs is None else replace(SEG_POLICY, inputs=tuple(inputs))
     learned = _calibrated(resq.ResQConfig(scheme=SEG_FAMILY, period=SEG_PERIOD,
-                                          calibration=search, policy=SEG_POLICY),
+                                          calibration=search, policy=policy),
                           teacher, calib, progress)
     t0 = time.perf_counter()
     history = train_policy(learned, event_clips(train_clips, TRAIN_SEED, batch), teacher,
@@ -103,6 +114,7 @@ def run_segmentation(steps: int = 50, lr: float = 5e-3, w_efficiency: float = 0.
         event_videos.append(video)
         event_actions.append(actions.clone())
     return {"rows": rows, "events": events, "action_names": names, "history": history,
+            "inputs": list(policy.inputs),
             "train_time_s": train_time, "event_videos": torch.stack(event_videos),
             "event_actions": torch.stack(event_actions)}
 
@@ -129,4 +141,5 @@ def print_segmentation(result: dict[str, Any]) -> None:
     delays = [e["frames_to_key_after_cut"] for e in result["events"]]
     print(f"  mean share of frozen frames skipped {100 * skipped:.0f}% (target: most); keyframe "
           f"within 2 frames of the cut in {sum(d <= 2 for d in delays)}/{len(delays)} clips")
-    print(f"  policy training: {result['train_time_s']:.0f} s")
+    print(f"  policy inputs {tuple(result['inputs'])}; policy training: "
+          f"{result['train_time_s']:.0f} s")

@@ -28,6 +28,8 @@ from resq_brevitas.checks import check_bool, check_choice, check_int, check_peri
 __all__ = [
     "CONFIG_VERSION",
     "MAX_BITS",
+    "POLICY_INPUTS",
+    "READABLE_CONFIG_VERSIONS",
     "ErrorBoundPolicy",
     "ErrorBudgetRefresh",
     "FixedPeriodRefresh",
@@ -43,11 +45,15 @@ __all__ = [
     "check_residual_weights",
     "SceneCutRefresh",
     "load_object",
+    "upgrade_config_data",
     "validate_bits",
 ]
 
-#: Version of the :meth:`ResQConfig.to_dict` layout.
-CONFIG_VERSION = 1
+#: Version of the :meth:`ResQConfig.to_dict` layout (2: ``LearnedFramePolicy.inputs``, whose
+#: default is not what version 1 meant by its absence; 1: the first).
+CONFIG_VERSION = 2
+#: Versions :meth:`ResQConfig.from_dict` reads (older ones through :func:`upgrade_config_data`).
+READABLE_CONFIG_VERSIONS = (1, 2)
 #: Largest supported integer bit width.
 MAX_BITS = 16
 #: Bit width that BOPs are counted at for an unquantized (fp32) operand.
@@ -65,6 +71,10 @@ _SIGNEDNESS = ("signed", "auto")
 _POLICY_GRANULARITIES = ("pixel", "region", "frame")
 _EXECUTIONS = ("dense", "sparse")
 _RESIDUAL_WEIGHTS = ("separate", "truncated")
+#: What a learned frame policy may be shown (:attr:`LearnedFramePolicy.inputs`); the first two
+#: are images (the feature extractor's channels), the last a scalar fed to the LSTM.
+POLICY_INPUTS = ("frame", "difference", "mean_abs_difference")
+_POLICY_IMAGE_INPUTS = ("frame", "difference")
 
 # Bit widths are written without leading zeros ("W08A8" is refused, "W8A{0,4,8}" is fine).
 _BITS = r"(?:0|[1-9]\d*)"
@@ -115,6 +125,52 @@ def check_residual_weights(residual_weights: Any, keyframe: Precision,
             f"weight: both must be quantized and residual weight bits <= keyframe weight bits; "
             f"got {keyframe}->{residual}{where}"
         )
+
+
+def _check_policy_inputs(inputs: Any) -> tuple[str, ...]:
+    """:attr:`LearnedFramePolicy.inputs` as a tuple of distinct known names, at least one image.
+
+    Raises:
+        TypeError: ``inputs`` is not a sequence of strings.
+        ValueError: An unknown or repeated name, or no image input.
+    """
+    expected = f"a non-empty tuple of distinct names from {POLICY_INPUTS}"
+    if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence):
+        raise TypeError(f"inputs must be {expected}, got {type(inputs).__name__} {inputs!r}")
+    inputs = tuple(inputs)
+    for i, name in enumerate(inputs):
+        if not isinstance(name, str):
+            raise TypeError(f"inputs[{i}] must be a str, one of {POLICY_INPUTS}, got "
+                            f"{type(name).__name__} {name!r}")
+        check_choice(name, f"inputs[{i}]", POLICY_INPUTS)
+    if len(set(inputs)) != len(inputs):
+        raise ValueError(f"inputs must be {expected}, got {inputs!r} (a name repeated)")
+    if not any(name in _POLICY_IMAGE_INPUTS for name in inputs):
+        raise ValueError(f"inputs must hold at least one image input of {_POLICY_IMAGE_INPUTS} "
+                         f"for the feature extractor, got {inputs!r}")
+    return inputs
+
+
+def upgrade_config_data(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A :meth:`ResQConfig.to_dict` result of an older readable version in the current layout.
+
+    Version 1 had no ``LearnedFramePolicy.inputs``: its policy saw the frame only, which is not
+    the current default, so a version-1 ``LearnedFramePolicy`` entry gets ``inputs=["frame"]``.
+
+    Raises:
+        ValueError: A version not in :data:`READABLE_CONFIG_VERSIONS`.
+    """
+    data = dict(data)
+    version = data.get("version")
+    if version not in READABLE_CONFIG_VERSIONS:
+        raise ValueError(f"data has config version {version!r}; this release reads versions "
+                         f"{READABLE_CONFIG_VERSIONS}")
+    policy = data.get("policy")
+    if (version == 1 and isinstance(policy, Mapping)
+            and policy.get("type") == _type_name(LearnedFramePolicy)):
+        data["policy"] = {"inputs": ["frame"], **policy}
+    data["version"] = CONFIG_VERSION
+    return data
 
 
 def load_object(spec: str) -> Any:
@@ -515,8 +571,36 @@ class LearnedFramePolicy:
     samples Gumbel-Softmax with straight-through hard samples (eq. 5-6) at the temperature of
     :class:`~resq_brevitas.policy.learned.AnnealedTemperature`; inference takes the argmax.
 
+    ``inputs`` says what the policy is shown of each frame (all at ``input_size``, after the
+    average pooling):
+
+    - ``"frame"``: the downsampled frame (the paper's input);
+    - ``"difference"``: the downsampled frame minus the stream's previous downsampled frame
+      (``in_channels`` more channels for the feature extractor). A frozen frame gives exactly
+      0, a scene cut a large difference, so both events are visible in the frame itself rather
+      than only through the LSTM's memory. The previous downsampled frame is per-stream state
+      next to the LSTM's ``(h, c)``; on a stream's first frame it is zeros (as ``(h, c)`` are),
+      so the difference there is the frame itself, as from a black frame;
+    - ``"mean_abs_difference"``: the mean of ``|difference|`` over channels and positions, one
+      scalar fed to the LSTM next to the pooled features (needs the same state).
+
+    Measured on the segmentation demo (``benchmarks/RESULTS.md`` section 13, one run each, 50-150
+    policy steps): with the frame among the inputs (``("frame",)`` on earlier checkpoints, the
+    default ``("frame", "difference")`` and all three on the current one) the policy collapsed
+    to one action for every frame after the first (all skip, all W8A4 or all key, depending on
+    ``w1``); only ``("difference", "mean_abs_difference")`` skipped the frozen frames and keyed
+    at the cut (4/4 event clips), by learning "skip unless the scene changes", which also skips
+    nearly every frame of ordinary moving clips (0.08x W8A8's BOPs, far below static ResQ's
+    quality).
+    The default ``("frame", "difference")`` is kept as the general-purpose choice; the
+    measurements do not show it is better than ``("frame",)``. A config saved with version 1 of
+    :meth:`ResQConfig.to_dict` (before this field) reads back as ``("frame",)``.
+
     Attributes:
         in_channels: Channels of the frames ``[B, C, H, W]``.
+        inputs: What the policy sees (see above): distinct names from
+            ``("frame", "difference", "mean_abs_difference")``, at least one of the first two
+            (the images the feature extractor convolves), in the order given.
         input_size: Side of the downsampled frame the policy sees (the paper: 84 px).
         channels: Output channels of the feature extractor's convs.
         hidden: LSTM hidden units (the paper: 512).
@@ -530,6 +614,7 @@ class LearnedFramePolicy:
     per_frame: ClassVar[bool] = True
 
     in_channels: int = 3
+    inputs: tuple[str, ...] = ("frame", "difference")
     input_size: int = 16
     channels: tuple[int, ...] = (8, 16)
     hidden: int = 32
@@ -538,6 +623,7 @@ class LearnedFramePolicy:
 
     def __post_init__(self) -> None:
         check_int(self.in_channels, "in_channels", minimum=1)
+        object.__setattr__(self, "inputs", _check_policy_inputs(self.inputs))
         check_int(self.input_size, "input_size", minimum=1)
         if (isinstance(self.channels, (str, bytes)) or not isinstance(self.channels, Sequence)
                 or not self.channels):
@@ -549,6 +635,21 @@ class LearnedFramePolicy:
         object.__setattr__(self, "temperature",
                            check_real(self.temperature, "temperature", strict=True))
         check_int(self.seed, "seed", minimum=0)
+
+    @property
+    def feature_channels(self) -> int:
+        """Input channels of the feature extractor: ``in_channels`` per image input."""
+        return self.in_channels * sum(name in _POLICY_IMAGE_INPUTS for name in self.inputs)
+
+    @property
+    def scalar_inputs(self) -> int:
+        """Scalars fed to the LSTM next to the pooled features."""
+        return sum(name not in _POLICY_IMAGE_INPUTS for name in self.inputs)
+
+    @property
+    def keeps_previous_frame(self) -> bool:
+        """Whether the policy's per-stream state holds the previous downsampled frame."""
+        return any(name != "frame" for name in self.inputs)
 
 
 @dataclass(frozen=True)
@@ -885,16 +986,14 @@ class ResQConfig:
 
         Raises:
             TypeError: If ``data`` is not a mapping.
-            ValueError: On an unknown version or unknown fields.
+            ValueError: On a version not in :data:`READABLE_CONFIG_VERSIONS` (older readable
+                ones are upgraded by :func:`upgrade_config_data`) or unknown fields.
         """
         if not isinstance(data, Mapping):
             raise TypeError(f"data must be a mapping from ResQConfig.to_dict, got "
                             f"{type(data).__name__}")
-        data = dict(data)
-        version = data.pop("version", None)
-        if version != CONFIG_VERSION:
-            raise ValueError(f"data has config version {version!r}; this release reads "
-                             f"version {CONFIG_VERSION}")
+        data = upgrade_config_data(data)
+        data.pop("version")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -95,8 +95,11 @@ class PolicyEntry:
             ``"residual"`` (``W8A8->{W4A4,skip,key}``: keyframes on the schedule, the action
             picks each residual frame's graph).
         logits: The policy graph's logits output ``[B, |actions|]``.
-        state: The policy's recurrent state (LSTM ``h``, ``c``) in graph order: inputs under
-            these names, outputs under ``name + "_out"``; zeros at a stream's first frame.
+        state: The policy's recurrent state in graph order (LSTM ``h``, ``c``, then
+            ``policy.previous``, the previous downsampled frame, when the policy's inputs use
+            the frame difference; manifests written before that option list ``h``, ``c`` only):
+            inputs under these names, outputs under ``name + "_out"``; zeros at a stream's
+            first frame.
         skip_index: The ``skip`` action, or ``None``.
         key_index: The ``key`` action, or ``None``.
         top_index: The highest precision action, taken where the chosen action is not allowed

@@ -4,8 +4,9 @@
 or ``W8A8->{W8A4,W4A4,skip,key}``) to :func:`export_family`, which writes the policy network as
 its own graph next to one step graph per action::
 
-    out_dir/policy.onnx            policy(frame, policy.h, policy.c)
-                                       -> (logits, policy.h_out, policy.c_out)
+    out_dir/policy.onnx            policy(frame, policy.h, policy.c[, policy.previous])
+                                       -> (logits, policy.h_out, policy.c_out
+                                           [, policy.previous_out])
     frame family ({W8A8,W4A4,W2A2,skip}):
     out_dir/keyframe.onnx          the highest member: keyframe(frame) -> output
     out_dir/frame_W4A4.onnx        every other member: frame(frame) -> output
@@ -18,10 +19,13 @@ its own graph next to one step graph per action::
                                    skip), ``policy`` (its graph, state, the choice rule)
 
 Frame-family graphs carry no state (every frame is computed from the frame alone), so they
-output the model output only. ``skip`` has no graph: the host reuses the previous output. The
-host loop (:class:`~resq_brevitas.deploy.runtime.PolicyOnnxStream`, which
-``OnnxStream(out_dir)`` opens for such a folder) runs the policy graph, then the chosen
-action's graph, each frame, as :class:`~resq_brevitas.temporal.actions.ActionExecutor` does.
+output the model output only. The policy's state is the LSTM's ``(h, c)`` and, when its
+``inputs`` use the difference to the previous frame, the previous downsampled frame
+``policy.previous`` ``[B, C, s, s]``; zeros in every entry start a stream. ``skip`` has no
+graph: the host reuses the previous output. The host loop
+(:class:`~resq_brevitas.deploy.runtime.PolicyOnnxStream`, which ``OnnxStream(out_dir)`` opens
+for such a folder) runs the policy graph, then the chosen action's graph, each frame, as
+:class:`~resq_brevitas.temporal.actions.ActionExecutor` does.
 
 Weights. A lower member's any-precision weight (VideoIQ section 3.4: the keyframe's ``b_1``-bit
 integer truncated by ``k`` bits, then mean-aligned) is ``s_1 2^k q_b + offset``: the offset puts
@@ -59,6 +63,7 @@ __all__ = [
     "LOGITS_NAME",
     "POLICY_GRAPH",
     "POLICY_STATE",
+    "PREVIOUS_FRAME_STATE",
     "PolicyStep",
     "export_family",
     "freeze_truncated_weights",
@@ -68,14 +73,20 @@ __all__ = [
 POLICY_GRAPH = "policy"
 #: Names of the policy's LSTM state in its graph (outputs: ``name + "_out"``).
 POLICY_STATE = ("policy.h", "policy.c")
+#: Name of the previous downsampled frame, the policy state's third entry when its inputs need it.
+PREVIOUS_FRAME_STATE = "policy.previous"
 #: The policy graph's first output.
 LOGITS_NAME = "logits"
 
 
 class PolicyStep(nn.Module):
-    """The policy network as a graph with explicit state: ``(frame, h, c) -> (logits, h', c')``.
+    """The policy network as a graph with explicit state:
+    ``(frame, *state) -> (logits, *state')``, the state of
+    :data:`~resq_brevitas.policy.learned.PolicyState` (``h, c`` and, if the inputs need it, the
+    previous downsampled frame), named by :meth:`state_names`.
 
-    Zeros for ``h`` and ``c`` are a fresh stream (``nn.LSTMCell``'s default state).
+    Zeros in every state entry are a fresh stream (``nn.LSTMCell``'s default state, and a black
+    previous frame, as the PyTorch policy assumes).
 
     Args:
         network: A :class:`~resq_brevitas.policy.learned.FramePolicyNetwork`.
@@ -85,9 +96,14 @@ class PolicyStep(nn.Module):
         super().__init__()
         self.network = network
 
-    def forward(self, frame: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        logits, (h_next, c_next) = self.network(frame, (h, c))
-        return logits, h_next, c_next
+    def state_names(self) -> tuple[str, ...]:
+        """Graph names of the state inputs (outputs: ``name + "_out"``)."""
+        previous = (PREVIOUS_FRAME_STATE,) if self.network.inputs.keeps_previous else ()
+        return (*POLICY_STATE, *previous)
+
+    def forward(self, frame: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
+        logits, state_next = self.network(frame, tuple(state))
+        return (logits, *state_next)
 
 
 class _OutputOnly(nn.Module):
@@ -136,12 +152,14 @@ def _weights_note(action: Any, frozen: list[str], key_bits: int) -> str:
     return "the layers' own quantized weights (integer, as in a fixed-precision export)"
 
 
-def _recipe(side: str, period: int, outputs: list[str]) -> list[str]:
+def _recipe(side: str, period: int, outputs: list[str], policy_names: tuple[str, ...]
+            ) -> list[str]:
+    feeds = ", ".join(f"'{name}': {name.split('.')[-1]}" for name in policy_names)
     lines = [
         "Keep per stream (batch row) a phase p (0 at the start), the policy state "
-        f"{list(POLICY_STATE)} (zeros at the start), the ResQ state S and the last output.",
-        f"Each frame: first run {POLICY_GRAPH}.onnx with {{'frame': frame, "
-        f"'{POLICY_STATE[0]}': h, '{POLICY_STATE[1]}': c}}; h, c = its state outputs.",
+        f"{list(policy_names)} (zeros at the start), the ResQ state S and the last output.",
+        f"Each frame: first run {POLICY_GRAPH}.onnx with {{'frame': frame, {feeds}}}; the "
+        "policy state = its state outputs.",
         "Choose per row: forced_action if set, else argmax(logits) with skip masked out while "
         "p == 0 (no output yet); a chosen action that is not allowed becomes top_index.",
     ]
@@ -204,11 +222,11 @@ def export_family(qm: ResQModel, frame: Tensor, out: Path, format: str, *, finn:
             f"of shape {tuple(frame.shape)}"
         )
     policy = PolicyStep(copy.deepcopy(network)).eval()
-    hidden = network.lstm.hidden_size
-    zeros = frame.new_zeros(frame.shape[0], hidden)
+    policy_names = policy.state_names()
+    zeros = network.initial_state(frame)
     try:
         with torch.no_grad():
-            logits, *policy_state = policy(frame, zeros, zeros)
+            logits, *policy_state = policy(frame, *zeros)
     except Exception as err:
         raise ValueError(f"example_frame of shape {tuple(frame.shape)} does not run through "
                          f"the frame policy: {err}") from err
@@ -258,8 +276,8 @@ def export_family(qm: ResQModel, frame: Tensor, out: Path, format: str, *, finn:
 
     files = {POLICY_GRAPH: f"{POLICY_GRAPH}.onnx", **{kind: f"{kind}.onnx" for kind in modules}}
     ios: dict[str, GraphIO] = {POLICY_GRAPH: GraphIO(
-        [ox.FRAME_NAME, *POLICY_STATE],
-        [LOGITS_NAME, *(n + ox.STATE_OUT_SUFFIX for n in POLICY_STATE)])}
+        [ox.FRAME_NAME, *policy_names],
+        [LOGITS_NAME, *(n + ox.STATE_OUT_SUFFIX for n in policy_names)])}
     for kind in modules:
         if side == "frame":
             ios[kind] = GraphIO([ox.FRAME_NAME], list(outputs))
@@ -267,7 +285,7 @@ def export_family(qm: ResQModel, frame: Tensor, out: Path, format: str, *, finn:
             ios[kind] = GraphIO([ox.FRAME_NAME], [*outputs, *state_names])
         else:
             ios[kind] = GraphIO([ox.FRAME_NAME, *state_names], [*outputs, *out_names])
-    policy_job = (policy, (frame, zeros, zeros), out / files[POLICY_GRAPH],
+    policy_job = (policy, (frame, *zeros), out / files[POLICY_GRAPH],
                   ios[POLICY_GRAPH].inputs, ios[POLICY_GRAPH].outputs)
     jobs = []
     for kind, module in modules.items():
@@ -329,22 +347,22 @@ def export_family(qm: ResQModel, frame: Tensor, out: Path, format: str, *, finn:
                     else "StdQCDQONNXManager handlers")
                  + "; policy graph: plain ONNX (float)",
         graph_source=base.source,
-        how_to_drive=_recipe(side, qm.period, outputs),
+        how_to_drive=_recipe(side, qm.period, outputs, policy_names),
         finn={kind: {k: v for k, v in report.items() if k != "aliases"}
               for kind, report in reports.items()},
         actions=entries,
         policy=PolicyEntry(
             graph=POLICY_GRAPH, side=side,
             logits=ox.tensor_entry(LOGITS_NAME, logits),
-            state=[ox.tensor_entry(name, t) for name, t in zip(POLICY_STATE, policy_state)],
+            state=[ox.tensor_entry(name, t) for name, t in zip(policy_names, policy_state)],
             skip_index=skip, key_index=key, top_index=top,
             forced_action=network.forced_action,
-            how_to_choose=_recipe(side, qm.period, outputs)[2:3]),
+            how_to_choose=_recipe(side, qm.period, outputs, policy_names)[2:3]),
         graphs={kind: io for kind, io in ios.items() if kind not in ("keyframe", "residual")},
     )
     manifest.write(out)
     if check:
-        manifest.parity = _check(out, manifest, policy, (frame, zeros, zeros), modules, frame,
+        manifest.parity = _check(out, manifest, policy, (frame, *zeros), modules, frame,
                                  key_state)
         manifest.write(out)
     return manifest

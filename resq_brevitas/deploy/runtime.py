@@ -317,8 +317,10 @@ class PolicyOnnxStream(OnnxStream):
 
     Each frame of each stream (batch row):
 
-    1. the policy graph reads the frame and the row's LSTM state ``(h, c)`` (zeros at the start)
-       and returns the logits and the next state, which is carried to the next frame;
+    1. the policy graph reads the frame and the row's policy state (``manifest.policy.state``:
+       the LSTM's ``(h, c)`` and, for a policy shown the frame difference, the previous
+       downsampled frame; zeros at the start) and returns the logits and the next state, which
+       is carried to the next frame;
     2. the action is the argmax of the logits, with ``skip`` masked out until the row has an
        output (or the exported ``forced_action``); an action the row may not take becomes the
        highest precision member, as in PyTorch;

@@ -2,7 +2,9 @@
 
 :class:`FramePolicyNetwork` is the ``nn.Module`` behind :class:`resq_brevitas.LearnedFramePolicy`
 settings: a small feature extractor on a downsampled frame, an LSTM cell over time (eq. 3) and a
-linear head to a distribution over the family's actions (eq. 4). In training it samples
+linear head to a distribution over the family's actions (eq. 4); :class:`PolicyInputs` builds
+what the feature extractor and the LSTM see of each frame (the frame, its difference to the
+stream's previous frame, the mean absolute difference). In training it samples
 Gumbel-Softmax (eq. 5-6) with a straight-through hard one-hot; in eval it takes the argmax.
 :class:`AnnealedTemperature` is the temperature schedule (5 annealed towards 0, as the paper
 does); :func:`efficiency_loss_eq10`, :func:`balance_loss_eq11`, :func:`entropy_loss_eq12` and
@@ -16,9 +18,10 @@ backbone's and reported in ``last_cost.per_frame_policy``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -30,6 +33,7 @@ from resq_brevitas.config import FP32_BITS, FrameAction
 __all__ = [
     "AnnealedTemperature",
     "FramePolicyNetwork",
+    "PolicyInputs",
     "PolicyState",
     "balance_loss_eq11",
     "efficiency_loss_eq10",
@@ -38,7 +42,31 @@ __all__ = [
     "policy_loss_eq13",
 ]
 
-PolicyState = tuple[Tensor, Tensor]
+#: A stream's policy state: the LSTM's ``(h, c)``, then the previous downsampled frame when the
+#: inputs need it (``(h, c, previous)``). Zeros are a fresh stream in every entry.
+PolicyState = tuple[Tensor, ...]
+
+
+# Each input from (downsampled frame, difference to the previous one); module-level functions,
+# not lambdas, so a model holding them pickles.
+def _frame_input(small: Tensor, difference: Tensor) -> Tensor:
+    return small
+
+
+def _difference_input(small: Tensor, difference: Tensor) -> Tensor:
+    return difference
+
+
+def _mean_abs_difference_input(small: Tensor, difference: Tensor) -> Tensor:
+    return difference.abs().mean(dim=(1, 2, 3)).unsqueeze(1)
+
+
+#: Image inputs (``-> [B, C, s, s]``) and scalar inputs to the LSTM (``-> [B, 1]``) by the names
+#: of ``LearnedFramePolicy.inputs``.
+_IMAGE_INPUTS: MappingProxyType[str, Callable[[Tensor, Tensor], Tensor]] = MappingProxyType({
+    "frame": _frame_input, "difference": _difference_input})
+_SCALAR_INPUTS: MappingProxyType[str, Callable[[Tensor, Tensor], Tensor]] = MappingProxyType({
+    "mean_abs_difference": _mean_abs_difference_input})
 
 
 def gumbel_softmax_eq6(logits: Tensor, temperature: float, hard: bool = True,
@@ -141,6 +169,40 @@ def policy_loss_eq13(task_loss: Tensor, efficiency: Tensor, balance: Tensor, ent
     return task_loss + w_efficiency * efficiency + w_balance * balance + w_entropy * entropy
 
 
+class PolicyInputs:
+    """What the policy sees of one frame, from ``LearnedFramePolicy.inputs`` (chosen once).
+
+    Every input is computed from the frame downsampled to ``input_size`` and its difference to
+    the stream's previous downsampled frame (zeros before a stream's first frame, so the
+    difference there is the frame itself). Image inputs are concatenated on the channel dim in
+    the order of ``inputs`` (the feature extractor's input); scalar inputs likewise (fed to the
+    LSTM next to the pooled features).
+
+    Args:
+        settings: A :class:`resq_brevitas.LearnedFramePolicy` (its ``inputs`` validated there).
+    """
+
+    def __init__(self, settings: Any) -> None:
+        names = settings.inputs
+        self.images = [_IMAGE_INPUTS[n] for n in names if n in _IMAGE_INPUTS]
+        self.scalars = [_SCALAR_INPUTS[n] for n in names if n in _SCALAR_INPUTS]
+        #: Whether the state carries the previous downsampled frame.
+        self.keeps_previous = bool(settings.keeps_previous_frame)
+
+    def __call__(self, small: Tensor, previous: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``(image [B, k C, s, s], scalars [B, m] or None)`` of a downsampled frame.
+
+        Args:
+            small: The downsampled frame ``[B, C, s, s]``.
+            previous: The stream's previous downsampled frame (``None``: a fresh stream, zeros).
+        """
+        difference = small - previous if previous is not None else small
+        image = torch.cat([f(small, difference) for f in self.images], 1)
+        scalars = (torch.cat([f(small, difference) for f in self.scalars], 1)
+                   if self.scalars else None)
+        return image, scalars
+
+
 class FramePolicyNetwork(nn.Module):
     """The policy ``g``: features of a downsampled frame -> LSTM (eq. 3) -> head (eq. 4).
 
@@ -157,15 +219,16 @@ class FramePolicyNetwork(nn.Module):
         self.actions = tuple(actions)
         # A deterministic init from the settings' seed; the CPU RNG is forked, so the caller's
         # random stream is untouched.
+        self.inputs = PolicyInputs(settings)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(settings.seed)
             layers: list[nn.Module] = []
-            channels = settings.in_channels
+            channels = settings.feature_channels
             for out in settings.channels:
                 layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1), nn.ReLU()]
                 channels = out
             self.features = nn.Sequential(*layers)
-            self.lstm = nn.LSTMCell(channels, settings.hidden)
+            self.lstm = nn.LSTMCell(channels + settings.scalar_inputs, settings.hidden)
             self.head = nn.Linear(settings.hidden, len(self.actions))
         self.temperature = float(settings.temperature)
         #: An action every row takes whatever the frame (:meth:`forced`), else ``None``.
@@ -191,14 +254,29 @@ class FramePolicyNetwork(nn.Module):
 
         Args:
             frame: ``[B, C, H, W]``.
-            state: The LSTM's ``(h, c)`` per stream (``None``: a fresh stream).
+            state: The stream state of :data:`PolicyState` (``None``: a fresh stream; zeros in
+                every entry are one too).
 
         Returns:
-            ``(logits [B, |Omega|], (h, c))``; ``softmax(logits)`` is eq. 4's ``pi``.
+            ``(logits [B, |Omega|], state)``; ``softmax(logits)`` is eq. 4's ``pi``.
         """
-        feat = self.features(self.downsample(frame)).mean(dim=(2, 3))
-        h, c = self.lstm(feat, state)
-        return self.head(h), (h, c)
+        small = self.downsample(frame)
+        lstm_state = None if state is None else (state[0], state[1])
+        previous = state[2] if state is not None and self.inputs.keeps_previous else None
+        image, scalars = self.inputs(small, previous)
+        feat = self.features(image).mean(dim=(2, 3))
+        if scalars is not None:
+            feat = torch.cat([feat, scalars], 1)
+        h, c = self.lstm(feat, lstm_state)
+        return self.head(h), ((h, c, small) if self.inputs.keeps_previous else (h, c))
+
+    def initial_state(self, frame: Tensor) -> PolicyState:
+        """The state of fresh streams for frames like ``frame`` ``[B, C, H, W]``: zeros (what
+        ``forward(frame, None)`` assumes), e.g. the explicit state inputs of an export."""
+        hidden = frame.new_zeros(frame.shape[0], self.settings.hidden)
+        size = self.settings.input_size
+        previous = (frame.new_zeros(frame.shape[0], self.settings.in_channels, size, size),)
+        return (hidden, hidden.clone(), *(previous if self.inputs.keeps_previous else ()))
 
     def sample(self, logits: Tensor, allowed: Tensor | None = None,
                generator: torch.Generator | None = None) -> Tensor:
@@ -241,21 +319,25 @@ class FramePolicyNetwork(nn.Module):
             self.forced_action = previous
 
     def macs(self, frame_shape: tuple[int, ...]) -> int:
-        """MACs of one frame of one stream: the convs (``out elements * C_in * 9``), the LSTM
-        cell (``4 * hidden * (features + hidden)``) and the head (``hidden * |Omega|``); the
-        downsampling and the element-wise work are not counted, as for the backbone."""
+        """MACs of one frame of one stream: the convs (``out elements * C_in * 9``, the first
+        one's ``C_in`` being ``in_channels`` per image input), the LSTM cell
+        (``4 * hidden * (features + scalar inputs + hidden)``) and the head
+        (``hidden * |Omega|``); the downsampling, the difference and the other element-wise work
+        are not counted, as for the backbone."""
         size = self.settings.input_size
-        total, channels = 0, self.settings.in_channels
+        total, channels = 0, self.settings.feature_channels
         for out in self.settings.channels:
             size = math.floor((size + 2 - 3) / 2) + 1
             total += size * size * out * channels * 9
             channels = out
         hidden = self.settings.hidden
-        return total + 4 * hidden * (channels + hidden) + hidden * self.num_actions
+        lstm_inputs = channels + self.settings.scalar_inputs
+        return total + 4 * hidden * (lstm_inputs + hidden) + hidden * self.num_actions
 
     def bops(self, frame_shape: tuple[int, ...]) -> int:
         """BOPs of one frame of one stream: :meth:`macs` at fp32 (``32 * 32`` per MAC)."""
         return self.macs(frame_shape) * FP32_BITS * FP32_BITS
 
     def extra_repr(self) -> str:
-        return f"actions=[{', '.join(str(a) for a in self.actions)}]"
+        return (f"inputs={self.settings.inputs}, "
+                f"actions=[{', '.join(str(a) for a in self.actions)}]")

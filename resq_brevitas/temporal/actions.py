@@ -108,11 +108,13 @@ class _Pass(NamedTuple):
 
 
 class _Stream:
-    """The executor's per-stream state: phases, the policy's LSTM state, the last outputs."""
+    """The executor's per-stream state: phases, the policy's state, the last outputs."""
 
     def __init__(self) -> None:
         self.phase: Tensor | None = None
-        self.policy_state: tuple[Tensor, Tensor] | None = None
+        #: The policy network's per-stream state (LSTM ``(h, c)``, the previous downsampled
+        #: frame if its inputs need it); ``None`` before a stream's first frame.
+        self.policy_state: tuple[Tensor, ...] | None = None
         self.last_out: list[Tensor] | None = None
         self.spec: Any = None
 
@@ -205,8 +207,11 @@ class ActionExecutor:
         stream = self.stream
         stream.phase = torch.where(rows, torch.zeros_like(stream.phase), stream.phase)
         if stream.policy_state is not None:
-            keep = (~rows).to(stream.policy_state[0].dtype).unsqueeze(1)
-            stream.policy_state = (stream.policy_state[0] * keep, stream.policy_state[1] * keep)
+            # Zeros are a fresh stream in every entry of the policy state (LSTM h, c and the
+            # previous downsampled frame alike).
+            keep = (~rows).to(stream.policy_state[0].dtype)
+            stream.policy_state = tuple(t * keep.view(-1, *([1] * (t.dim() - 1)))
+                                        for t in stream.policy_state)
 
     # ------------------------------------------------------------------ running
     def forward(self, qm: Any, video: Tensor, fresh: bool = True) -> Any:

@@ -27,7 +27,13 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from resq_brevitas.checks import check_int
-from resq_brevitas.config import ResQConfig, Scheme, load_object
+from resq_brevitas.config import (
+    READABLE_CONFIG_VERSIONS,
+    ResQConfig,
+    Scheme,
+    load_object,
+    upgrade_config_data,
+)
 from resq_brevitas.nn.batch_norm import fold_pairs
 from resq_brevitas.nn.cost import CostReport, CostTally
 from resq_brevitas.nn.layers import DEFAULT_LAYER_MAP, ResQLayerMixin, is_resq_layer
@@ -376,15 +382,18 @@ class ResQModel(nn.Module):
                 self._actions.reset()
             return
         stream = self._stream
-        if stream.phase is None:
+        # A family scheme's phases live in its action executor (this stream's stay unused).
+        phase = stream.phase if self._actions is None else self._actions.stream.phase
+        if phase is None:
             raise ValueError("reset(rows=...) needs a running stream; call reset() instead")
-        mask = torch.zeros_like(stream.phase, dtype=torch.bool)
+        mask = torch.zeros_like(phase, dtype=torch.bool)
         try:
             mask[torch.as_tensor(rows)] = True
         except (IndexError, TypeError) as err:
             raise ValueError(f"rows must index the stream's {mask.numel()} batch rows, got "
                              f"{rows!r}") from err
-        stream.phase = torch.where(mask, torch.zeros_like(stream.phase), stream.phase)
+        if stream.phase is not None:
+            stream.phase = torch.where(mask, torch.zeros_like(stream.phase), stream.phase)
         if self._actions is not None:
             self._actions.reset(mask)
         if stream.energy is not None:
@@ -480,6 +489,8 @@ class ResQModel(nn.Module):
         self._rank_override = state.get("frame_rank")
         self.calibrated = bool(state.get("calibrated", False))
         saved = state.get("config")
+        if saved is not None and saved.get("version") in READABLE_CONFIG_VERSIONS:
+            saved = upgrade_config_data(saved)  # compare like with like
         if saved is not None and saved != self.config.to_dict():
             differ = sorted(k for k in saved if saved.get(k) != self.config.to_dict().get(k))
             warnings.warn(f"the loaded state was saved from a model built with another config "

@@ -199,13 +199,16 @@ def test_frame_family_manifest_lists_actions_graphs_and_policy_state(frame_famil
     policy = manifest.policy
     assert (policy.side, policy.skip_index, policy.key_index, policy.top_index) == (
         "frame", 3, None, 0)
+    # The default inputs ("frame", "difference") carry the previous downsampled frame too.
     assert [(e.name, e.shape) for e in policy.state] == [("policy.h", [3, 8]),
-                                                         ("policy.c", [3, 8])]
+                                                         ("policy.c", [3, 8]),
+                                                         ("policy.previous", [3, 3, 8, 8])]
     assert manifest.state == []  # frame-family graphs carry no ResQ state
     session = ort.InferenceSession(str(frame_dir / "policy.onnx"))
-    assert [i.name for i in session.get_inputs()] == ["frame", "policy.h", "policy.c"]
+    assert [i.name for i in session.get_inputs()] == ["frame", "policy.h", "policy.c",
+                                                      "policy.previous"]
     assert [o.name for o in session.get_outputs()] == ["logits", "policy.h_out",
-                                                       "policy.c_out"]
+                                                       "policy.c_out", "policy.previous_out"]
     assert manifest.parity["levels"]["faithful"]["faithful"]
     # Each lower member's graph stores its own float copy of the truncated weight (exactly the
     # PyTorch view); the keyframe graph keeps integer weights.
@@ -363,3 +366,65 @@ def test_untraceable_model_exports_eager_action_graphs(video, tmp_path):
     np.testing.assert_allclose(stream.run(video), reference, rtol=0, atol=ATOL)
     np.testing.assert_array_equal(stream.last_actions, qm.last_actions.numpy())
     assert {0, 1} <= set(np.unique(stream.last_actions))  # both residual members' graphs ran
+
+
+# ---------------------------------------------------------------- policy inputs and state
+def _frozen_video() -> torch.Tensor:
+    """Drifting clips whose row 0 freezes on frame 2 for frames 3-5 (bit-identical copies)."""
+    video = _video()
+    video[0, 3:6] = video[0, 2]
+    return video
+
+
+def test_policy_graph_carries_the_previous_frame_and_matches_pytorch_over_frames(tmp_path):
+    inputs = ("frame", "difference", "mean_abs_difference")
+    config = resq.ResQConfig(scheme=RESIDUAL_FAMILY, period=PERIOD, calibration=SEARCH,
+                             policy=resq.LearnedFramePolicy(input_size=8, channels=(4,),
+                                                            hidden=8, inputs=inputs))
+    qm = resq.convert(_net(), config)
+    resq.calibrate(qm, CALIB, progress=False)
+    qm.eval()
+    video = _frozen_video()
+    scramble_policy(qm, video, seed=2)
+    manifest = export(qm, video[:, 0], tmp_path, format="qcdq")
+    names = [e.name for e in manifest.policy.state]
+    assert names == ["policy.h", "policy.c", "policy.previous"]
+    session = ort.InferenceSession(str(tmp_path / "policy.onnx"))
+    state = [np.zeros(e.shape, dtype=np.float32) for e in manifest.policy.state]
+    torch_state = None
+    for t in range(FRAMES):
+        frame = video[:, t]
+        with torch.no_grad():
+            logits, torch_state = qm.frame_policy(frame, torch_state)
+        feeds = {"frame": frame.numpy(), **dict(zip(names, state))}
+        got, *state = session.run(None, feeds)
+        np.testing.assert_allclose(got, logits.numpy(), rtol=0, atol=1e-5)
+        for mine, want in zip(state, torch_state):
+            np.testing.assert_allclose(mine, want.numpy(), rtol=0, atol=1e-5)
+        # The carried previous frame is this frame downsampled, so the frozen copies see a
+        # zero difference; a graph fed a black previous frame instead would see the frame.
+        np.testing.assert_allclose(state[2], torch.nn.functional.adaptive_avg_pool2d(
+            frame, 8).numpy(), rtol=0, atol=1e-6)
+        if t == 4:  # row 0 frozen: the previous frame changes the logits
+            black = session.run(None, {**feeds, "policy.previous": np.zeros_like(state[2])})[0]
+            assert np.abs(black[0] - got[0]).max() > 1e-3
+
+
+def test_a_frame_only_policy_exports_the_lstm_state_alone(video, tmp_path):
+    config = resq.ResQConfig(scheme=FRAME_FAMILY, period=PERIOD, calibration=SEARCH,
+                             policy=resq.LearnedFramePolicy(input_size=8, channels=(4,),
+                                                            hidden=8, inputs=("frame",)))
+    qm = resq.convert(_net(), config)
+    resq.calibrate(qm, CALIB, progress=False)
+    qm.eval()
+    scramble_policy(qm, video, seed=0)
+    with torch.no_grad():
+        reference = qm(video).numpy()
+        actions = qm.last_actions.numpy()
+    manifest = export(qm, video[:, 0], tmp_path, format="qcdq")
+    assert [e.name for e in manifest.policy.state] == ["policy.h", "policy.c"]
+    session = ort.InferenceSession(str(tmp_path / "policy.onnx"))
+    assert [i.name for i in session.get_inputs()] == ["frame", "policy.h", "policy.c"]
+    stream = OnnxStream(tmp_path)
+    np.testing.assert_allclose(stream.run(video), reference, rtol=0, atol=ATOL)
+    np.testing.assert_array_equal(stream.last_actions, actions)
